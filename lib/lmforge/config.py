@@ -1,0 +1,117 @@
+"""Typed, frozen, validated configs.
+
+Every stage has one config class (a `StageConfig`) whose fields are its `params.yaml`
+section. Loading fails before any work on an unknown, missing or mistyped key, naming the
+key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .digest import sha256_json
+from .errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+class Config(BaseModel):
+    """Base for every config block: frozen, no extra keys, no silent type coercion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+    def digest(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+
+class StageConfig(Config):
+    """Base for a stage's section of params.yaml."""
+
+
+def _loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _allowed(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc` (best effort: follows nested models and lists)."""
+    model: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        model = field.annotation
+        for _ in range(3):  # unwrap list[X] / X | None / tuple[X, ...]
+            args = getattr(model, "__args__", None)
+            if not args:
+                break
+            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), args[0])
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return sorted(model.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, cls: type[BaseModel], where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = _loc(where, loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed(cls, loc[:-1])
+            lines.append(f"{key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def build(cls: type[C], data: Any, where: str) -> C:
+    """Validate `data` into `cls`; `where` prefixes the key paths in errors (e.g. 'params.yaml: mix')."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, cls, where)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load_section(path: str | Path, section: str, cls: type[C]) -> C:
+    """Load `section` of the YAML file at `path` into `cls`."""
+    data = read_yaml(path)
+    if section not in data:
+        raise ConfigError(f"{path}: section '{section}' is missing (add a '{section}:' block)")
+    return build(cls, data[section], f"{Path(path).name}: {section}")
