@@ -1,0 +1,213 @@
+"""Run a command (normally `dvc ...`) with its output streamed live to a logger.
+
+Shared by the pipeline flow (`pipelines/flow.py`) and the worker flow
+(`pipelines/stage_runner.py`), so both stream, time and fail stages the same way. Not run
+on its own; `run_logged([...], cwd, env, logging.getLogger())` works outside Prefect too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from lmforge.errors import LmforgeError
+from lmforge.tracking import PARENT_ENV
+
+RUNNER_ENV = "LMFORGE_RUNNER"  # read by stages/wrapper.py into the audit record
+TAIL_LINES = 40
+# A progress bar redraws with '\r' many times a second; forwarding every redraw would bury
+# the Prefect log, so carriage-return lines are forwarded at most this often.
+PROGRESS_EVERY_S = 5.0
+
+Logger = logging.Logger | logging.LoggerAdapter  # what prefect.get_run_logger() returns
+
+
+class StageFailedError(LmforgeError):
+    """A `dvc` command for a stage exited non-zero; the message carries its stderr tail."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    seconds: float
+    stdout_tail: tuple[str, ...]
+    stderr_tail: tuple[str, ...]
+    dvc_lines: tuple[str, ...]  # DVC's per-stage verdicts, kept whatever the output's length
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def shown(self) -> str:
+        """The command as a user would type it (`dvc ...`, not `python -m dvc ...`)."""
+        argv = self.argv
+        if len(argv) >= 3 and argv[1:3] == ("-m", "dvc"):
+            argv = ("dvc", *argv[3:])
+        return " ".join(argv)
+
+
+def dvc_argv(*args: str) -> list[str]:
+    """`dvc` from this interpreter's environment, whatever is first on PATH."""
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def stage_env(
+    runner: str, parent_run_id: str | None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for a stage subprocess: who runs it and which MLflow run is its parent.
+
+    The interpreter's bin directory goes first on PATH because dvc.yaml commands say
+    `python -m stages.<name>`, which must resolve to the project's venv even when the venv
+    was never activated (`make flow` calls `.venv/bin/python` directly).
+    """
+    env = dict(os.environ if base is None else base)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")]) if env.get("PATH") else bindir
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env[RUNNER_ENV] = runner
+    if parent_run_id:
+        env[PARENT_ENV] = parent_run_id
+    else:
+        # An inherited id would attach the stage to some other pipeline run.
+        env.pop(PARENT_ENV, None)
+    return env
+
+
+# How `dvc repro` reports what it did with a stage (see `outcome`).
+_VERDICTS = ("Running stage '", "Stage '", "Pulling data for ")
+
+
+def _pump(stream: IO[bytes], log: Logger, level: int, tail: deque[str], verdicts: list[str]) -> None:
+    # newline="" keeps '\r' as a line end of its own, so progress redraws are recognisable.
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    last_progress = 0.0
+    for raw in text:
+        line = raw.rstrip("\r\n")
+        if not line:
+            continue
+        tail.append(line)
+        if line.startswith(_VERDICTS):
+            verdicts.append(line)
+        if raw.endswith("\r") and not raw.endswith("\r\n"):
+            now = time.monotonic()
+            if now - last_progress < PROGRESS_EVERY_S:
+                continue
+            last_progress = now
+        log.log(level, "%s", line)
+
+
+def run_logged(
+    argv: Sequence[str],
+    cwd: str | Path,
+    env: Mapping[str, str],
+    log: Logger,
+    tail_lines: int = TAIL_LINES,
+) -> CommandResult:
+    """Run `argv` in `cwd`, forwarding stdout and stderr line by line to `log` as they come.
+
+    Never raises on a non-zero exit (see `require_ok`); keeps the last lines of each stream.
+    """
+    start = time.monotonic()
+    log.info("$ %s  (in %s)", " ".join(argv), cwd)
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out_tail: deque[str] = deque(maxlen=tail_lines)
+    err_tail: deque[str] = deque(maxlen=tail_lines)
+    verdicts: list[str] = []
+    # Two readers, so a chatty stderr cannot fill its pipe and stall the child while we
+    # block on stdout.
+    readers = [
+        threading.Thread(
+            target=_pump, args=(proc.stdout, log, logging.INFO, out_tail, verdicts), daemon=True
+        ),
+        threading.Thread(
+            target=_pump, args=(proc.stderr, log, logging.INFO, err_tail, verdicts), daemon=True
+        ),
+    ]
+    for r in readers:
+        r.start()
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        # Interrupted (Ctrl-C, a Prefect cancel): do not leave an orphaned dvc holding the lock.
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    for r in readers:
+        r.join()
+    return CommandResult(
+        argv=tuple(argv),
+        returncode=returncode,
+        seconds=time.monotonic() - start,
+        stdout_tail=tuple(out_tail),
+        stderr_tail=tuple(err_tail),
+        dvc_lines=tuple(verdicts),
+    )
+
+
+def dvc_json(args: Sequence[str], cwd: str | Path, env: Mapping[str, str]) -> Any:
+    """A `dvc ... --json` query's answer (not streamed: it is data, not progress)."""
+    argv = dvc_argv(*args)
+    done = subprocess.run(argv, cwd=cwd, env=dict(env), capture_output=True, text=True, check=False)
+    result = CommandResult(
+        argv=tuple(argv),
+        returncode=done.returncode,
+        seconds=0.0,
+        stdout_tail=tuple(done.stdout.splitlines()[-TAIL_LINES:]),
+        stderr_tail=tuple(done.stderr.splitlines()[-TAIL_LINES:]),
+        dvc_lines=(),
+    )
+    require_ok(result, f"asking DVC in {cwd}")
+    return json.loads(done.stdout)
+
+
+def require_ok(result: CommandResult, what: str, fix: str = "") -> CommandResult:
+    """Raise StageFailedError naming `what`, the exit code and the stderr tail if it failed."""
+    if result.ok:
+        return result
+    msg = f"{what} failed: `{result.shown}` exited {result.returncode}"
+    if fix:
+        msg += f"; fix: {fix}"
+    if result.stderr_tail:
+        msg += "\n--- last lines of stderr ---\n" + "\n".join(result.stderr_tail)
+    elif result.stdout_tail:
+        msg += "\n--- last lines of stdout (stderr was empty) ---\n" + "\n".join(result.stdout_tail)
+    raise StageFailedError(msg)
+
+
+def outcome(stage: str, result: CommandResult) -> str:
+    """What `dvc repro --single-item <stage>` did, read from DVC's report of it.
+
+    'ran' (the stage's command ran), 'restored' (outputs checked out from the run-cache or
+    pulled from the remote), or 'up-to-date' (nothing changed, nothing done).
+    """
+    verdict = "up-to-date"
+    for line in result.dvc_lines:
+        if line.startswith(f"Running stage '{stage}'"):
+            verdict = "ran"
+        elif line.startswith((f"Stage '{stage}' is cached", "Pulling data for ")):
+            verdict = "restored"
+    return verdict

@@ -1,0 +1,114 @@
+"""The DAG as declared in dvc.yaml: stage specs, params, the pipeline key.
+
+dvc.yaml is the only file that lists stages and their inputs and outputs; this module
+reads it (plain YAML, so a stage process pays no DVC import) for the stage wrapper and the
+Prefect flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import read_yaml
+from lmforge.digest import sha256_json
+from lmforge.errors import ConfigError
+from lmforge.runtime import code_version
+
+DVC_FILE = "dvc.yaml"
+PARAMS_FILE = "params.yaml"
+DATA_DIR = "data"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...]
+    plots: tuple[str, ...]
+    params: tuple[str, ...]
+    runner: str
+    gpus: int
+
+    @property
+    def out_dir(self) -> str:
+        return f"{DATA_DIR}/{self.name}"
+
+    @property
+    def data_deps(self) -> tuple[str, ...]:
+        """Dependencies that are data (under data/), as opposed to code."""
+        return tuple(d for d in self.deps if d == DATA_DIR or d.startswith(f"{DATA_DIR}/"))
+
+    @property
+    def all_outs(self) -> tuple[str, ...]:
+        return self.outs + self.metrics + self.plots
+
+
+def _paths(entries: list[Any] | None) -> tuple[str, ...]:
+    """dvc.yaml lists outs either as strings or as {path: {options}} mappings."""
+    out = []
+    for e in entries or []:
+        out.append(next(iter(e)) if isinstance(e, dict) else str(e))
+    return tuple(out)
+
+
+def _params(entries: list[Any] | None) -> tuple[str, ...]:
+    out: list[str] = []
+    for e in entries or []:
+        if isinstance(e, dict):  # {params-file: [keys]}
+            for keys in e.values():
+                out.extend(keys or [])
+        else:
+            out.append(str(e))
+    return tuple(out)
+
+
+def load_stages(root: str | Path) -> dict[str, StageSpec]:
+    path = Path(root) / DVC_FILE
+    data = read_yaml(path)
+    stages = data.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{path}: no 'stages:' mapping")
+    specs = {}
+    for name, s in stages.items():
+        meta = s.get("meta") or {}
+        runner = meta.get("runner", "cpu")
+        if runner not in ("cpu", "gpu"):
+            raise ConfigError(f"{path}: stages.{name}.meta.runner must be 'cpu' or 'gpu', got {runner!r}")
+        specs[name] = StageSpec(
+            name=name,
+            cmd=str(s.get("cmd", "")),
+            deps=_paths(s.get("deps")),
+            outs=_paths(s.get("outs")),
+            metrics=_paths(s.get("metrics")),
+            plots=_paths(s.get("plots")),
+            params=_params(s.get("params")),
+            runner=runner,
+            gpus=int(meta.get("gpus", 0)),
+        )
+    return specs
+
+
+def load_stage(root: str | Path, name: str) -> StageSpec:
+    specs = load_stages(root)
+    if name not in specs:
+        raise ConfigError(f"{Path(root) / DVC_FILE}: no stage named '{name}' (stages: {', '.join(specs)})")
+    return specs[name]
+
+
+def params(root: str | Path) -> dict[str, Any]:
+    return read_yaml(Path(root) / PARAMS_FILE)
+
+
+def pipeline_key(root: str | Path) -> str:
+    """What makes two stage processes parts of the same pipeline run under plain `dvc repro`:
+    the same commit and the same params.
+
+    The dirty flag is left out on purpose: a run itself dirties the tree (dvc.lock, the
+    .gitignore files DVC writes), which would split one run over several parents.
+    """
+    commit = code_version(root)["commit"]
+    return sha256_json({"commit": commit, "params": params(root)})[:32]
