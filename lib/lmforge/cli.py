@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", required=True, help="output .jsonl: kept records, unchanged")
     d.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold (default: %(default)s)")
     d.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default: %(default)s)")
-    d.add_argument("--ngram", type=int, default=5, help="word shingle size (default: %(default)s)")
+    d.add_argument("--ngram", type=int, default=3, help="word shingle size (default: %(default)s)")
     d.add_argument("--seed", type=int, default=42, help="hash seed (default: %(default)s)")
     d.set_defaults(func=_cmd_dedup)
 

@@ -1,0 +1,1 @@
+"""Data blocks of the `mix` stage: sources, normalisation, filters, dedup, mixing, shards."""

@@ -1,0 +1,186 @@
+"""Reading raw sources into documents: local jsonl(.gz), parquet, text, or a Hub dataset.
+
+Every malformed record is an InputError naming the file and line; nothing is skipped
+silently. Document ids are made global by prefixing the source name ("sotu/sotu-12").
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator, model_validator
+
+from ..config import Config
+from ..errors import InputError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class SourceConfig(Config):
+    """One source of the mix. Exactly one of `path` (local) or `hub` (a Hub dataset id)."""
+
+    name: str
+    path: str | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    format: Literal["jsonl", "parquet", "text"] | None = None  # None: inferred from `path`
+    text_field: str = "text"
+    id_field: str | None = "id"
+    share: float
+    licence: str
+    max_docs: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be lowercase letters, digits and '_', starting with a letter")
+        return v
+
+    @field_validator("share")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceConfig:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(f"source '{self.name}': give exactly one of 'path' (local) or 'hub' (dataset id)")
+        return self
+
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        assert self.path is not None
+        p = self.path.lower()
+        if p.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+            return "jsonl"
+        if p.endswith(".parquet") or (Path(self.path).is_dir() and any(Path(self.path).glob("*.parquet"))):
+            return "parquet"
+        return "text"
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    source: str
+    text: str
+
+
+def _check_text(value: object, src: SourceConfig, path: Path, line: int) -> str:
+    if value is None:
+        raise InputError(path, f"missing field '{src.text_field}'", line=line,
+                         fix=f"add it, or set text_field for source '{src.name}' in params.yaml")
+    if not isinstance(value, str):
+        raise InputError(path, f"field '{src.text_field}' must be a string, got {type(value).__name__}",
+                         line=line)
+    return value
+
+
+def _read_jsonl(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(path, f"not UTF-8 (byte {e.start} of the line)", line=n,
+                                     fix="re-encode the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(path, f"malformed JSON: {e.msg} at column {e.colno}", line=n) from None
+                if not isinstance(rec, dict):
+                    raise InputError(path, f"expected a JSON object, got {type(rec).__name__}", line=n)
+                text = _check_text(rec.get(src.text_field), src, path, n)
+                rid = rec.get(src.id_field) if src.id_field else None
+                yield n, (None if rid is None else str(rid)), text
+    except (OSError, EOFError) as e:  # gzip: truncated or not gzip
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise InputError(path, f"cannot read: {e}") from None
+
+
+def _read_parquet(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise InputError(f, f"not a readable parquet file: {e}") from None
+        if src.text_field not in table.column_names:
+            raise InputError(f, f"no column '{src.text_field}' (columns: {table.column_names})",
+                             fix=f"set text_field for source '{src.name}' in params.yaml")
+        texts = table.column(src.text_field).to_pylist()
+        ids = table.column(src.id_field).to_pylist() if src.id_field in table.column_names else [None] * len(texts)
+        for i, (rid, text) in enumerate(zip(ids, texts, strict=True), start=1):
+            # "line" of a parquet file is its row number, 1-based
+            yield i, (None if rid is None else str(rid)), _check_text(text, src, f, i)
+
+
+def _read_text(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
+    files = sorted(p for p in path.rglob("*.txt")) if path.is_dir() else [path]
+    for i, f in enumerate(files, start=1):
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = f.read_bytes()[: e.start].count(b"\n") + 1
+            raise InputError(f, "not UTF-8", line=line, fix="re-encode the file as UTF-8") from None
+        rid = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        yield i, rid, text
+
+
+def _read_hub(src: SourceConfig) -> Iterator[tuple[int, str | None, str]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hub, name=src.hub_config, split=src.hub_split, streaming=True)
+    except Exception as e:  # datasets raises many types (network, missing config, ...)
+        raise InputError(f"hub:{src.hub}", f"cannot load dataset: {e}",
+                         fix="check the id and config, and network access (HF_HUB_OFFLINE)") from None
+    for i, rec in enumerate(ds, start=1):
+        rid = rec.get(src.id_field) if src.id_field else None
+        yield i, (None if rid is None else str(rid)), _check_text(rec.get(src.text_field), src,
+                                                                   Path(f"hub:{src.hub}"), i)
+
+
+def read_source(src: SourceConfig, root: Path = Path(".")) -> list[Document]:
+    """All documents of one source, in file order (capped at `max_docs`)."""
+    if src.hub is not None:
+        rows = _read_hub(src)
+        where: Path = Path(f"hub:{src.hub}")
+    else:
+        assert src.path is not None
+        where = root / src.path
+        if not where.exists():
+            raise InputError(where, "source not found", fix=f"fix the path of source '{src.name}' in params.yaml")
+        fmt = src.resolved_format()
+        rows = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}[fmt](src, where)
+    docs: list[Document] = []
+    seen: dict[str, int] = {}
+    for line, rid, text in rows:
+        local = rid if rid is not None else str(line)
+        if local in seen:
+            raise InputError(where, f"duplicate id {local!r} (first at line {seen[local]})", line=line,
+                             fix="make ids unique within the source, or set id_field: null")
+        seen[local] = line
+        docs.append(Document(id=f"{src.name}/{local}", source=src.name, text=text))
+        if src.max_docs is not None and len(docs) >= src.max_docs:
+            break
+    if not docs:
+        raise InputError(where, "source has no documents", fix=f"give source '{src.name}' some data or remove it")
+    return docs

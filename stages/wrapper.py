@@ -1,0 +1,201 @@
+"""The one stage wrapper: every `stages/<name>.py` is `main("<name>", Config, run)`.
+
+It does DESIGN.md's seven steps in order, the same for every stage:
+1. load and validate the stage's params section into its frozen config (before any work);
+2. resolve the stage's data inputs from dvc.yaml and check they exist; digest them;
+3. open an MLflow child run under the pipeline's parent; log params and input digests;
+4. run the library's `run(cfg, inputs, out_dir)` into a private staging directory;
+5. check the staging directory holds exactly the outputs dvc.yaml declares, then move each
+   into place atomically (an interrupted stage leaves the old outputs or none, never a torn one);
+6. log metrics (metrics.json also becomes the DVC metric), timings and artifacts;
+7. append one record to the audit chain and anchor its head on the MLflow runs.
+
+Run a stage directly with `python -m stages.<name>` from the repo root (that is what
+dvc.yaml's `cmd` does).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lmforge import atomic, tracking
+from lmforge.audit import AuditLog, build_stage_record
+from lmforge.config import Config, StageConfig, build
+from lmforge.digest import sha256_path
+from lmforge.errors import InputError, LmforgeError
+from lmforge.runtime import code_version, environment
+from stages import dag
+
+RUNNER_ENV = "LMFORGE_RUNNER"
+STAGING_PREFIX = ".staging-"
+
+RunFn = Callable[..., Mapping[str, Any]]
+
+
+class PipelineConfig(Config):
+    """The `pipeline:` section of params.yaml: settings shared by every stage."""
+
+    audit_log: str = "audit/log.jsonl"
+    mlflow_experiment: str = "lmforge"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class StageContext:
+    """Handed to a library `run` that asks for it (a `ctx` parameter): step metrics and timings."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+        self.timings: dict[str, float] = {}
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.run_id:
+            tracking.log_metrics(self.run_id, metrics, step=step)
+
+
+def _inputs(root: Path, spec: dag.StageSpec) -> dict[str, Path]:
+    """Data deps keyed by their path under data/ ('sources', 'mix/train', ...).
+
+    An upstream stage's directory is also given under the stage's name ('mix' for
+    data/mix/train), so a library reads `inputs["mix"] / "train"` without knowing data/.
+    """
+    inputs: dict[str, Path] = {}
+    for dep in spec.data_deps:
+        path = root / dep
+        rel = dep.removeprefix(f"{dag.DATA_DIR}/")
+        if not path.exists():
+            raise InputError(dep, "input does not exist", fix=f"run the upstream stage first: dvc repro {rel.split('/')[0]}")
+        inputs[rel] = path
+        if "/" in rel:
+            inputs.setdefault(rel.split("/")[0], root / dag.DATA_DIR / rel.split("/")[0])
+    return inputs
+
+
+def _check_outputs(staging: Path, spec: dag.StageSpec) -> None:
+    declared = {Path(o).relative_to(spec.out_dir).parts[0] for o in spec.all_outs}
+    missing = sorted(o for o in spec.all_outs if not (staging / Path(o).relative_to(spec.out_dir)).exists())
+    extra = sorted(p.name for p in staging.iterdir() if p.name not in declared)
+    if missing or extra:
+        raise LmforgeError(
+            f"stage '{spec.name}' broke its output contract: "
+            + (f"declared in dvc.yaml but not written: {missing}; " if missing else "")
+            + (f"written but not declared in dvc.yaml: {extra}" if extra else "")
+        )
+
+
+def _publish(staging: Path, root: Path, spec: dag.StageSpec) -> None:
+    for out in spec.all_outs:
+        atomic.replace(staging / Path(out).relative_to(spec.out_dir), root / out)
+
+
+def _clean_stale_staging(out_dir: Path) -> None:
+    """Staging dirs of killed runs: invisible to DVC (not declared outputs), removed here."""
+    if out_dir.is_dir():
+        for p in out_dir.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _validate_layout(spec: dag.StageSpec) -> None:
+    for out in spec.all_outs:
+        if not out.startswith(spec.out_dir + "/"):
+            raise LmforgeError(f"dvc.yaml: stage '{spec.name}' output {out!r} must live under {spec.out_dir}/")
+    metrics = f"{spec.out_dir}/metrics.json"
+    if metrics not in spec.metrics:
+        raise LmforgeError(f"dvc.yaml: stage '{spec.name}' must declare {metrics} under metrics:")
+
+
+def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) -> dict[str, Any]:
+    """Run stage `name` in the repo at `root`; return its metrics. Raises on failure."""
+    t0 = time.perf_counter()
+    started = _now()
+    # 1. config, before any work
+    spec = dag.load_stage(root, name)
+    _validate_layout(spec)
+    all_params = dag.params(root)
+    where = f"{dag.PARAMS_FILE}: "
+    pipe = build(PipelineConfig, all_params.get("pipeline"), where + "pipeline")
+    if name not in all_params:
+        raise LmforgeError(f"{dag.PARAMS_FILE}: section '{name}' is missing (add a '{name}:' block)")
+    cfg = build(config_cls, all_params[name], where + name)
+    # 2. inputs
+    inputs = _inputs(root, spec)
+    input_digests = {dep: sha256_path(root / dep) for dep in spec.data_deps}
+    code = code_version(root)
+    runner = os.environ.get(RUNNER_ENV, "dvc")
+    # 3. tracking
+    exp_id = tracking.configure(root, pipe.mlflow_experiment)
+    parent = os.environ.get(tracking.PARENT_ENV) or tracking.find_or_create_parent(
+        exp_id, dag.pipeline_key(root), tags={"lmforge.commit": str(code["commit"])}
+    )
+    out_dir = root / spec.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(out_dir)
+    audit = AuditLog(root / pipe.audit_log)
+    tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"])}
+    with tracking.child_run(exp_id, parent, name, tags) as run_id:
+        tracking.log_params(run_id, cfg.model_dump(mode="json"))
+        tracking.log_input_digests(input_digests)
+        # 4. run into staging
+        staging = Path(os.path.join(out_dir, f"{STAGING_PREFIX}{os.getpid()}"))
+        staging.mkdir()
+        try:
+            ctx = StageContext(run_id)
+            kwargs = {"ctx": ctx} if "ctx" in inspect.signature(run).parameters else {}
+            metrics = dict(run(cfg, inputs, staging, **kwargs))
+            # metrics.json holds only deterministic values (it is a DVC metric); timings go to MLflow.
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            # 5. contract check, then atomic publish
+            _check_outputs(staging, spec)
+            _publish(staging, root, spec)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
+        # 6. metrics, timings, artifacts
+        wall = time.perf_counter() - t0
+        tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": wall, **ctx.timings}})
+        import mlflow
+
+        mlflow.log_artifact(str(root / spec.out_dir / "metrics.json"))
+        # 7. audit
+        record = build_stage_record(
+            stage=name,
+            inputs=input_digests,
+            outputs=output_digests,
+            params_digest=cfg.digest(),
+            code=code,
+            environment=environment(),
+            runner=runner,
+            mlflow_run_id=run_id,
+            started=started,
+            finished=_now(),
+        )
+        appended = audit.append(record)
+        anchor = {"audit.head_hash": appended["hash"], "audit.count": str(appended["seq"] + 1)}
+        tracking.set_tags(run_id, anchor)
+        tracking.set_tags(parent, anchor)
+    return metrics
+
+
+def main(name: str, config_cls: type[StageConfig], run: RunFn) -> None:
+    """Entry point of `python -m stages.<name>`: exit 0, 2 (a user-fixable error) or 1 (a bug)."""
+    try:
+        execute(name, config_cls, run, Path.cwd())
+    except LmforgeError as e:
+        print(f"lmforge {name}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception:
+        traceback.print_exc()
+        print(f"lmforge {name}: failed with an unexpected error (above); please report it", file=sys.stderr)
+        sys.exit(1)
