@@ -116,75 +116,85 @@ def _validate_layout(spec: dag.StageSpec) -> None:
         raise LmforgeError(f"dvc.yaml: stage '{spec.name}' must declare {metrics} under metrics:")
 
 
+def _run_and_publish(
+    run: RunFn, cfg: StageConfig, inputs: dict[str, Path], ctx: StageContext, spec: dag.StageSpec, root: Path
+) -> dict[str, Any]:
+    """Steps 4 and 5: run into a private staging dir, check the output contract, publish."""
+    staging = root / spec.out_dir / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir()
+    try:
+        kwargs = {"ctx": ctx} if "ctx" in inspect.signature(run).parameters else {}
+        metrics = dict(run(cfg, inputs, staging, **kwargs))
+        # metrics.json holds only deterministic values (it is a DVC metric); timings go to MLflow.
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        _check_outputs(staging, spec)
+        _publish(staging, root, spec)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
 def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) -> dict[str, Any]:
     """Run stage `name` in the repo at `root`; return its metrics. Raises on failure."""
-    t0 = time.perf_counter()
-    started = _now()
+    t0, started = time.perf_counter(), _now()
     # 1. config, before any work
     spec = dag.load_stage(root, name)
     _validate_layout(spec)
     all_params = dag.params(root)
-    where = f"{dag.PARAMS_FILE}: "
-    pipe = build(PipelineConfig, all_params.get("pipeline"), where + "pipeline")
+    pipe = build(PipelineConfig, all_params.get("pipeline"), f"{dag.PARAMS_FILE}: pipeline")
     if name not in all_params:
         raise LmforgeError(f"{dag.PARAMS_FILE}: section '{name}' is missing (add a '{name}:' block)")
-    cfg = build(config_cls, all_params[name], where + name)
+    cfg = build(config_cls, all_params[name], f"{dag.PARAMS_FILE}: {name}")
     # 2. inputs
     inputs = _inputs(root, spec)
     input_digests = {dep: sha256_path(root / dep) for dep in spec.data_deps}
     code = code_version(root)
     runner = os.environ.get(RUNNER_ENV, "dvc")
-    # 3. tracking
+    # 3. tracking. Under plain `dvc repro` no driver owns the parent run: each stage finds it
+    # by the pipeline key and leaves it FINISHED (or FAILED); the next stage attaches again.
     exp_id = tracking.configure(root, pipe.mlflow_experiment)
+    owns_parent = tracking.PARENT_ENV not in os.environ
     parent = os.environ.get(tracking.PARENT_ENV) or tracking.find_or_create_parent(
         exp_id, dag.pipeline_key(root), tags={"lmforge.commit": str(code["commit"])}
     )
-    out_dir = root / spec.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale_staging(out_dir)
+    (root / spec.out_dir).mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(root / spec.out_dir)
     audit = AuditLog(root / pipe.audit_log)
     tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"])}
-    with tracking.child_run(exp_id, parent, name, tags) as run_id:
-        tracking.log_params(run_id, cfg.model_dump(mode="json"))
-        tracking.log_input_digests(input_digests)
-        # 4. run into staging
-        staging = Path(os.path.join(out_dir, f"{STAGING_PREFIX}{os.getpid()}"))
-        staging.mkdir()
-        try:
+    try:
+        with tracking.child_run(exp_id, parent, name, tags) as run_id:
+            tracking.log_params(run_id, cfg.model_dump(mode="json"))
+            tracking.log_input_digests(input_digests)
+            # 4-5. run, check, publish atomically
             ctx = StageContext(run_id)
-            kwargs = {"ctx": ctx} if "ctx" in inspect.signature(run).parameters else {}
-            metrics = dict(run(cfg, inputs, staging, **kwargs))
-            # metrics.json holds only deterministic values (it is a DVC metric); timings go to MLflow.
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-            # 5. contract check, then atomic publish
-            _check_outputs(staging, spec)
-            _publish(staging, root, spec)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
-        # 6. metrics, timings, artifacts
-        wall = time.perf_counter() - t0
-        tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": wall, **ctx.timings}})
-        import mlflow
-
-        mlflow.log_artifact(str(root / spec.out_dir / "metrics.json"))
-        # 7. audit
-        record = build_stage_record(
-            stage=name,
-            inputs=input_digests,
-            outputs=output_digests,
-            params_digest=cfg.digest(),
-            code=code,
-            environment=environment(),
-            runner=runner,
-            mlflow_run_id=run_id,
-            started=started,
-            finished=_now(),
-        )
-        appended = audit.append(record)
-        anchor = {"audit.head_hash": appended["hash"], "audit.count": str(appended["seq"] + 1)}
-        tracking.set_tags(run_id, anchor)
-        tracking.set_tags(parent, anchor)
+            metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
+            output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
+            # 6. metrics, timings, artifacts
+            tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})
+            tracking.log_artifact(run_id, root / spec.out_dir / "metrics.json")
+            # 7. audit, and its head anchored on the MLflow runs
+            record = build_stage_record(
+                stage=name,
+                inputs=input_digests,
+                outputs=output_digests,
+                params_digest=cfg.digest(),
+                code=code,
+                environment=environment(),
+                runner=runner,
+                mlflow_run_id=run_id,
+                started=started,
+                finished=_now(),
+            )
+            appended = audit.append(record)
+            anchor = {"audit.head_hash": appended["hash"], "audit.count": str(appended["seq"] + 1)}
+            tracking.set_tags(run_id, anchor)
+            tracking.set_tags(parent, anchor)
+    except BaseException:
+        if owns_parent:
+            tracking.set_status(parent, "FAILED")
+        raise
+    if owns_parent:
+        tracking.set_status(parent, "FINISHED")
     return metrics
 
 

@@ -137,3 +137,16 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
     client = mlflow.MlflowClient()
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
+
+
+def set_status(run_id: str, status: str) -> None:
+    """End a run that no `with mlflow.start_run()` owns (e.g. the pipeline parent)."""
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def log_artifact(run_id: str, path: str | Path) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().log_artifact(run_id, str(path))

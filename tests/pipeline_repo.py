@@ -1,0 +1,61 @@
+"""Helpers for end-to-end tests: a throwaway copy of this repo and commands run inside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def copy_repo(dest: Path, profile: str | None = "ci") -> Path:
+    """Copy the working tree (tracked + untracked-not-ignored files) into a fresh git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    env = env_for(dest)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    if not (dest / ".dvc" / "config").exists():
+        run(dest, "dvc", "init", "-q")
+    if profile:
+        run(dest, "lmforge", "profile", "apply", profile)
+    return dest
+
+
+def env_for(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{repo / 'lib'}{os.pathsep}{repo}"  # the copy runs its own code
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("LMFORGE_PARENT_RUN_ID", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def run(repo: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
+    proc = subprocess.run([exe, *cmd[1:]], cwd=repo, env=env_for(repo), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """Every output path in dvc.lock with its md5: the artifact digests two runs must share."""
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}

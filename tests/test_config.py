@@ -1,0 +1,66 @@
+"""Typed configs: unknown, missing and mistyped keys fail naming the key; profiles merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import build, load_section
+from lmforge.data.mix import MixConfig
+from lmforge.errors import ConfigError
+from lmforge.profiles import apply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SOURCE = {"name": "a", "path": "x.jsonl", "share": 1.0, "licence": "CC0"}
+
+
+def test_unknown_key_is_named_with_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as e:
+        build(MixConfig, {"sources": [SOURCE], "sedd": 1}, "params.yaml: mix")
+    msg = str(e.value)
+    assert "params.yaml: mix.sedd: unknown key" in msg
+    assert "seed" in msg and "sources" in msg
+
+
+def test_nested_unknown_and_mistyped_keys() -> None:
+    bad = {**SOURCE, "shar": 0.5, "share": "half"}
+    with pytest.raises(ConfigError) as e:
+        build(MixConfig, {"sources": [bad], "filters": {"min_chars": "ten"}}, "params.yaml: mix")
+    msg = str(e.value)
+    assert "mix.sources[0].shar: unknown key" in msg
+    assert "mix.sources[0].share" in msg
+    assert "mix.filters.min_chars" in msg
+
+
+def test_shares_must_sum_to_one() -> None:
+    two = [SOURCE | {"share": 0.5}, SOURCE | {"name": "b", "share": 0.4}]
+    with pytest.raises(ConfigError, match="sum to 1"):
+        build(MixConfig, {"sources": two}, "mix")
+
+
+def test_config_is_frozen() -> None:
+    cfg = build(MixConfig, {"sources": [SOURCE]}, "mix")
+    with pytest.raises(Exception, match="frozen"):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_real_params_validate() -> None:
+    cfg = load_section(ROOT / "params.yaml", "mix", MixConfig)
+    assert abs(sum(s.share for s in cfg.sources) - 1) < 1e-9
+
+
+def test_profile_apply_merges_keeps_comments_and_rejects_typos(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("# top comment\nmix:\n  seed: 1  # the seed\n  total: 5\ntok:\n  v: 2\n")
+    prof = tmp_path / "p.yaml"
+    prof.write_text("mix:\n  total: 7\n")
+    apply(params, prof)
+    text = params.read_text()
+    assert "total: 7" in text and "# the seed" in text and "# top comment" in text
+    prof.write_text("mix:\n  totl: 7\n")
+    before = params.read_text()
+    with pytest.raises(ConfigError, match="mix.totl"):
+        apply(params, prof)
+    assert params.read_text() == before

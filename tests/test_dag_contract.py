@@ -1,0 +1,61 @@
+"""Contract tests of the DAG: one name per stage everywhere, and every output cacheable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.config import StageConfig
+from stages import dag
+
+ROOT = Path(__file__).resolve().parent.parent
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_one_name_per_stage(name: str) -> None:
+    st = DVC[name]
+    assert st["cmd"] == f"python -m stages.{name}"
+    assert (ROOT / "stages" / f"{name}.py").exists()
+    assert name in PARAMS and st["params"] == [name]
+    assert st["meta"]["runner"] in ("cpu", "gpu")
+    spec = dag.load_stage(ROOT, name)
+    assert spec.all_outs and all(o.startswith(f"data/{name}/") for o in spec.all_outs)
+    assert f"data/{name}/metrics.json" in spec.metrics
+    assert f"stages/{name}.py" in spec.deps
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_outputs_stay_cacheable(name: str) -> None:
+    """cache: false, persist or always_changed would defeat the run-cache hand-back."""
+    st = DVC[name]
+    assert not st.get("always_changed")
+    for entry in st.get("outs", []) + st.get("metrics", []) + st.get("plots", []):
+        if isinstance(entry, dict):
+            opts = next(iter(entry.values())) or {}
+            assert opts.get("cache", True) and not opts.get("persist"), entry
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_params_section_is_a_valid_config(name: str) -> None:
+    import importlib
+
+    from stages.wrapper import main  # noqa: F401  (the stage module must import cleanly)
+
+    module = importlib.import_module(f"stages.{name}")
+    configs = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, StageConfig)]
+    assert len(configs) == 1
+    configs[0].model_validate(PARAMS[name])
+
+
+def test_params_sections_are_stages_or_pipeline() -> None:
+    assert set(PARAMS) == set(DVC) | {"pipeline"}
+
+
+def test_dag_is_a_chain_in_declared_order() -> None:
+    from pipelines.graph import plan
+
+    assert [s.name for s in plan(ROOT)] == list(DVC)

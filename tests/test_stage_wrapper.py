@@ -1,0 +1,108 @@
+"""The stage wrapper through real stage processes: bad input fails cleanly and tears nothing.
+
+Each bad input must give a non-zero exit and a message naming the file and line (or the
+params key), leave the previous outputs byte-identical, leave no staging directory behind,
+and add nothing to the audit chain.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.digest import sha256_path
+from tests.pipeline_repo import copy_repo, run
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTS = ["data/mix/train", "data/mix/val", "data/mix/dropped.parquet", "data/mix/metrics.json"]
+
+
+def _set_sources(repo: Path, sources: list[dict], **extra: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["mix"]["sources"] = sources
+    params["mix"]["mixing"]["total"] = None
+    params["mix"].update(extra)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _source(path: str) -> dict:
+    return {"name": "s", "path": path, "share": 1.0, "licence": "test"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = copy_repo(tmp_path_factory.mktemp("wrapper") / "repo", profile=None)
+    good = r / "good.jsonl.gz"
+    good.write_bytes((ROOT / "tests/fixtures/sources/shakespeare.jsonl.gz").read_bytes())
+    _set_sources(r, [_source("good.jsonl.gz")])
+    run(r, "python", "-m", "stages.mix")
+    return r
+
+
+def _snapshot(repo: Path) -> dict[str, str]:
+    return {o: sha256_path(repo / o) for o in OUTS} | {"audit": sha256_path(repo / "audit/log.jsonl")}
+
+
+def test_good_run_wrote_declared_outputs_and_one_audit_record(repo: Path) -> None:
+    for o in OUTS:
+        assert (repo / o).exists(), o
+    lines = (repo / "audit/log.jsonl").read_text().splitlines()
+    rec = json.loads(lines[-1])
+    assert len(lines) == 2 and rec["stage"] == "mix" and rec["runner"] == "dvc"
+    assert set(rec["outputs"]) == set(OUTS)
+    assert rec["outputs"]["data/mix/train"] == sha256_path(repo / "data/mix/train")
+
+
+BAD = {
+    "malformed": (b'{"text": "fine text here"}\n{"text": "unterminated\n', 2, "malformed JSON"),
+    "missing_text": (b'{"text": "fine text here"}\n{"body": "x"}\n', 2, "missing field 'text'"),
+    "non_string_text": (b'{"text": "fine text here"}\n{"text": ["x"]}\n', 2, "must be a string"),
+    "non_utf8": (b'{"text": "fine text here"}\n{"text": "\xff\xfe"}\n', 2, "not UTF-8"),
+    "empty": (b"", None, "no documents"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_source_fails_cleanly(repo: Path, kind: str) -> None:
+    content, line, needle = BAD[kind]
+    bad = repo / f"bad_{kind}.jsonl.gz"
+    bad.write_bytes(gzip.compress(content, mtime=0))
+    before = _snapshot(repo)
+    params_before = (repo / "params.yaml").read_text()
+    try:
+        _set_sources(repo, [_source("good.jsonl.gz") | {"share": 0.5}, _source(bad.name) | {"name": "b", "share": 0.5}])
+        proc = run(repo, "python", "-m", "stages.mix", check=False)
+    finally:
+        (repo / "params.yaml").write_text(params_before)
+    assert proc.returncode == 2, proc.stderr
+    where = f"{bad.name}:{line}" if line else bad.name
+    assert where in proc.stderr and needle in proc.stderr, proc.stderr
+    assert _snapshot(repo) == before
+    assert not list((repo / "data/mix").glob(".staging-*"))
+
+
+def test_unknown_params_key_fails_before_any_work(repo: Path) -> None:
+    before = _snapshot(repo)
+    params_before = (repo / "params.yaml").read_text()
+    try:
+        params = yaml.safe_load(params_before)
+        params["mix"]["filters"]["min_chars_typo"] = 5
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = run(repo, "python", "-m", "stages.mix", check=False)
+    finally:
+        (repo / "params.yaml").write_text(params_before)
+    assert proc.returncode == 2
+    assert "mix.filters.min_chars_typo: unknown key" in proc.stderr
+    assert "min_chars" in proc.stderr  # the allowed keys are listed
+    assert _snapshot(repo) == before
+
+
+def test_missing_upstream_input_names_the_stage_to_run(repo: Path, tmp_path: Path) -> None:
+    fresh = copy_repo(tmp_path / "fresh", profile=None)
+    proc = run(fresh, "python", "-m", "stages.tokenizer", check=False)
+    assert proc.returncode == 2
+    assert "data/mix/train" in proc.stderr and "dvc repro mix" in proc.stderr
