@@ -27,7 +27,6 @@ pass on what is left and records, for every removed document, why and in favour 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pydantic import field_validator, model_validator
 from .. import atomic
 from ..config import Config, build
 from ..errors import InputError
-from . import minhash
+from . import jsonl, minhash
 
 KEPT, EXACT, NEAR = 0, 1, 2  # values of DedupOutcome.reason
 # (false positive, false negative) weights for choosing bands x rows; see the module docstring
@@ -239,61 +238,13 @@ def deduplicate(texts: Sequence[str], cfg: DedupConfig) -> DedupOutcome:
 
 def read_jsonl_texts(path: Path) -> tuple[list[bytes], list[str]]:
     """The raw lines (terminators kept) and `text` fields of a jsonl file; InputError on any bad line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "file not found", fix="check the --input path") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a jsonl file", fix="pass a .jsonl file") from None
-    lines = raw.splitlines(keepends=True)
+    lines: list[bytes] = []
     texts: list[str] = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(
-                path,
-                f"not UTF-8 ({e.reason} at byte {e.start} of the line)",
-                line=lineno,
-                fix="re-encode the file as UTF-8",
-            ) from None
-        if not s.strip():
-            raise InputError(
-                path, "empty line", line=lineno, fix="remove blank lines: each line must be one JSON object"
-            )
-        try:
-            rec = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                path,
-                f"malformed JSON: {e.msg} at column {e.colno}",
-                line=lineno,
-                fix="one JSON object per line",
-            ) from None
-        if not isinstance(rec, dict):
-            raise InputError(
-                path,
-                f"expected a JSON object, got {type(rec).__name__}",
-                line=lineno,
-                fix='write {"text": "..."}',
-            )
-        if "text" not in rec:
-            raise InputError(
-                path, "missing the `text` field", line=lineno, fix='every record needs "text": "<string>"'
-            )
-        text = rec["text"]
-        if not isinstance(text, str):
-            raise InputError(
-                path,
-                f"`text` must be a string, got {type(text).__name__}",
-                line=lineno,
-                fix='write "text": "<string>"',
-            )
-        texts.append(text)
+    for n, raw, rec in jsonl.records(path):
+        lines.append(raw)
+        texts.append(jsonl.text_of(rec, "text", path, n))
     if not texts:
-        raise InputError(
-            path, "no records: the file is empty", fix="pass a jsonl file with at least one record"
-        )
+        raise InputError(path, "no records: the file is empty", fix="pass a jsonl file with at least one record")
     return lines, texts
 
 

@@ -6,18 +6,17 @@ silently. Document ids are made global by prefixing the source name ("sotu/sotu-
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
 from ..config import Config
 from ..errors import InputError
+from . import jsonl
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -76,41 +75,15 @@ class Document:
     text: str
 
 
-def _check_text(value: object, src: SourceConfig, path: Path, line: int) -> str:
-    if value is None:
-        raise InputError(path, f"missing field '{src.text_field}'", line=line,
+def _check_text(rec: dict[str, Any], src: SourceConfig, path: Path, line: int) -> str:
+    return jsonl.text_of(rec, src.text_field, path, line,
                          fix=f"add it, or set text_field for source '{src.name}' in params.yaml")
-    if not isinstance(value, str):
-        raise InputError(path, f"field '{src.text_field}' must be a string, got {type(value).__name__}",
-                         line=line)
-    return value
 
 
 def _read_jsonl(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            for n, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise InputError(path, f"not UTF-8 (byte {e.start} of the line)", line=n,
-                                     fix="re-encode the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(path, f"malformed JSON: {e.msg} at column {e.colno}", line=n) from None
-                if not isinstance(rec, dict):
-                    raise InputError(path, f"expected a JSON object, got {type(rec).__name__}", line=n)
-                text = _check_text(rec.get(src.text_field), src, path, n)
-                rid = rec.get(src.id_field) if src.id_field else None
-                yield n, (None if rid is None else str(rid)), text
-    except (OSError, EOFError) as e:  # gzip: truncated or not gzip
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise InputError(path, f"cannot read: {e}") from None
+    for n, _raw, rec in jsonl.records(path):
+        rid = rec.get(src.id_field) if src.id_field else None
+        yield n, (None if rid is None else str(rid)), _check_text(rec, src, path, n)
 
 
 def _read_parquet(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
@@ -129,7 +102,7 @@ def _read_parquet(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | No
         ids = table.column(src.id_field).to_pylist() if src.id_field in table.column_names else [None] * len(texts)
         for i, (rid, text) in enumerate(zip(ids, texts, strict=True), start=1):
             # "line" of a parquet file is its row number, 1-based
-            yield i, (None if rid is None else str(rid)), _check_text(text, src, f, i)
+            yield i, (None if rid is None else str(rid)), _check_text({src.text_field: text}, src, f, i)
 
 
 def _read_text(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
@@ -154,7 +127,7 @@ def _read_hub(src: SourceConfig) -> Iterator[tuple[int, str | None, str]]:
                          fix="check the id and config, and network access (HF_HUB_OFFLINE)") from None
     for i, rec in enumerate(ds, start=1):
         rid = rec.get(src.id_field) if src.id_field else None
-        yield i, (None if rid is None else str(rid)), _check_text(rec.get(src.text_field), src,
+        yield i, (None if rid is None else str(rid)), _check_text(dict(rec), src,
                                                                    Path(f"hub:{src.hub}"), i)
 
 

@@ -1,0 +1,57 @@
+"""One reader for jsonl (optionally gzipped) with errors that name the file and line.
+
+Used by the mix stage's sources and by `lmforge dedup`, so a bad line reads the same
+everywhere: not UTF-8, malformed JSON, not an object, a missing or non-string text field.
+Blank lines are skipped (they carry no record).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+
+def records(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(1-based line number, raw line with its terminator, parsed object) for each record."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start} of the line)", line=n,
+                                     fix="re-encode the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(path, f"malformed JSON: {e.msg} at column {e.colno}", line=n,
+                                     fix="one JSON object per line") from None
+                if not isinstance(rec, dict):
+                    raise InputError(path, f"expected a JSON object, got {type(rec).__name__}", line=n,
+                                     fix='write {"text": "..."}')
+                yield n, raw, rec
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, not a jsonl file") from None
+    except (OSError, EOFError) as e:  # gzip: truncated or not gzip at all
+        if isinstance(e, FileNotFoundError):
+            raise InputError(path, "file not found", fix="check the path") from None
+        raise InputError(path, f"cannot read: {e}") from None
+
+
+def text_of(rec: dict[str, Any], field: str, path: Path | str, line: int, fix: str = "") -> str:
+    """The record's text field, or an InputError saying what is wrong with it."""
+    if field not in rec:
+        raise InputError(path, f"missing field '{field}'", line=line, fix=fix or f'every record needs "{field}": "<string>"')
+    value = rec[field]
+    if not isinstance(value, str):
+        raise InputError(path, f"field '{field}' must be a string, got {type(value).__name__}", line=line,
+                         fix=f'write "{field}": "<string>"')
+    return value
