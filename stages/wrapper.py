@@ -4,7 +4,8 @@ It does DESIGN.md's seven steps in order, the same for every stage:
 1. load and validate the stage's params section into its frozen config (before any work);
 2. resolve the stage's data inputs from dvc.yaml and check they exist; digest them;
 3. open an MLflow child run under the pipeline's parent; log params and input digests;
-4. run the library's `run(cfg, inputs, out_dir)` into a private staging directory;
+4. run the library's `run(cfg, inputs, out_dir[, ctx])` into a private staging directory
+   (`ctx` is a lmforge.context.RunContext: step metrics, timings, a scratch dir for checkpoints);
 5. check the staging directory holds exactly the outputs dvc.yaml declares, then move each
    into place atomically (an interrupted stage leaves the old outputs or none, never a torn one);
 6. log metrics (metrics.json also becomes the DVC metric), timings and artifacts;
@@ -31,6 +32,7 @@ from typing import Any
 from lmforge import atomic, tracking
 from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import Config, StageConfig, build
+from lmforge.context import RunContext
 from lmforge.digest import sha256_path
 from lmforge.errors import InputError, LmforgeError
 from lmforge.runtime import code_version, environment
@@ -38,6 +40,7 @@ from stages import dag
 
 RUNNER_ENV = "LMFORGE_RUNNER"
 STAGING_PREFIX = ".staging-"
+SCRATCH_DIR = ".lmforge/scratch"  # per-stage resumable state (checkpoints), outside DVC outputs
 
 RunFn = Callable[..., Mapping[str, Any]]
 
@@ -51,18 +54,6 @@ class PipelineConfig(Config):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-class StageContext:
-    """Handed to a library `run` that asks for it (a `ctx` parameter): step metrics and timings."""
-
-    def __init__(self, run_id: str | None):
-        self.run_id = run_id
-        self.timings: dict[str, float] = {}
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        if self.run_id:
-            tracking.log_metrics(self.run_id, metrics, step=step)
 
 
 def _inputs(root: Path, spec: dag.StageSpec) -> dict[str, Path]:
@@ -101,10 +92,12 @@ def _publish(staging: Path, root: Path, spec: dag.StageSpec) -> None:
 
 
 def _clean_stale_staging(out_dir: Path) -> None:
-    """Staging dirs of killed runs: invisible to DVC (not declared outputs), removed here."""
+    """Leftovers of killed runs: staging dirs and the temp/old names of an interrupted swap
+    (lmforge.atomic). Hidden and undeclared, so DVC never sees them; removed here."""
     if out_dir.is_dir():
-        for p in out_dir.glob(f"{STAGING_PREFIX}*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in (f"{STAGING_PREFIX}*", ".*.tmp-*", ".*.old-*"):
+            for p in out_dir.glob(pattern):
+                atomic.remove(p)
 
 
 def _validate_layout(spec: dag.StageSpec) -> None:
@@ -117,7 +110,7 @@ def _validate_layout(spec: dag.StageSpec) -> None:
 
 
 def _run_and_publish(
-    run: RunFn, cfg: StageConfig, inputs: dict[str, Path], ctx: StageContext, spec: dag.StageSpec, root: Path
+    run: RunFn, cfg: StageConfig, inputs: dict[str, Path], ctx: RunContext, spec: dag.StageSpec, root: Path
 ) -> dict[str, Any]:
     """Steps 4 and 5: run into a private staging dir, check the output contract, publish."""
     staging = root / spec.out_dir / f"{STAGING_PREFIX}{os.getpid()}"
@@ -166,8 +159,14 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             tracking.log_params(run_id, cfg.model_dump(mode="json"))
             tracking.log_input_digests(input_digests)
             # 4-5. run, check, publish atomically
-            ctx = StageContext(run_id)
-            metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
+            steps = tracking.MetricBuffer(run_id)
+            ctx = RunContext(scratch=root / SCRATCH_DIR / name, sink=steps.add)
+            try:
+                metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
+            finally:
+                steps.flush()
+            # resumable state is only for a run that did not finish
+            shutil.rmtree(ctx.scratch, ignore_errors=True)
             output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
             # 6. metrics, timings, artifacts
             tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})

@@ -190,6 +190,9 @@ class AuditLog:
             with open(self.path, "a+b", buffering=0) as fh:
                 if created:
                     _fsync_dir(self.path.parent)  # the new directory entry must survive a crash too
+                # A crash mid-append (even SIGKILL mid-write) is finished or undone here, as
+                # `lmforge audit recover` would; any other damage refuses the append.
+                self._drop_torn(fh, self.head())
                 head = self._reconcile(self.head(), self._tail(fh))
                 if head.count == 0:
                     genesis = {
@@ -219,28 +222,9 @@ class AuditLog:
                 raise AuditError(
                     f"{self.head_path}: head anchor missing; nothing to recover against (fix: {_RESTORE})"
                 )
-            start, last = _last_line(fh)
-            if last and not last.endswith(b"\n"):
-                # Only the exact state an interrupted append leaves is repaired: the complete lines end
-                # at the committed head and the head announces the very next record.
-                try:
-                    tail = _parse_line(_last_line(fh, end=start)[1]) if start else None
-                except _Bad:
-                    tail = None
-                    start = -1
-                if (
-                    start < 0
-                    or head.pending is None
-                    or head.pending[0] != head.count
-                    or not _matches(head, tail)
-                ):
-                    raise AuditError(
-                        f"{self.path}: the torn last line was not announced in {self.head_path}, so "
-                        f"no interrupted append explains it (fix: {_RESTORE})"
-                    )
-                fh.truncate(start)
-                os.fsync(fh.fileno())
-                return f"dropped the torn, uncommitted record {head.count} ({len(last)} bytes)"
+            dropped = self._drop_torn(fh, head)
+            if dropped:
+                return dropped
             after = self._reconcile(head, self._tail(fh))
             return "nothing to recover" if after.count == head.count else f"committed record {head.count}"
 
@@ -270,6 +254,28 @@ class AuditLog:
         finally:
             if acquired:
                 lock.release()
+
+    def _drop_torn(self, fh: BinaryIO, head: Head | None) -> str | None:
+        """Truncate a torn last line that an interrupted append left; None if there is none.
+
+        Only the exact state a crash mid-write leaves is repaired: the complete lines end at
+        the committed head and the head announces the very next record. Anything else raises.
+        """
+        start, last = _last_line(fh)
+        if not last or last.endswith(b"\n"):
+            return None
+        try:
+            tail = _parse_line(_last_line(fh, end=start)[1]) if start else None
+        except _Bad:
+            tail, start = None, -1
+        if start < 0 or head is None or head.pending is None or head.pending[0] != head.count or not _matches(head, tail):
+            raise AuditError(
+                f"{self.path}: the torn last line was not announced in {self.head_path}, so "
+                f"no interrupted append explains it (fix: {_RESTORE})"
+            )
+        fh.truncate(start)
+        os.fsync(fh.fileno())
+        return f"dropped the torn, uncommitted record {head.count} ({len(last)} bytes)"
 
     def _tail(self, fh: BinaryIO) -> dict[str, Any] | None:
         _, line = _last_line(fh)

@@ -353,7 +353,7 @@ def run(cfg: TokenizerConfig, inputs: Mapping[str, str | Path], out_dir: str | P
     """The `tokenizer` stage: train on the mix's train split, save it, write token shards.
 
     Writes `out_dir/tokenizer/` and `out_dir/tokens/`, each atomically. Returns deterministic
-    metrics only; wall-clock figures go into `ctx.timings` (the stage wrapper's StageContext).
+    metrics only; wall-clock figures go into `ctx.timings` (a lmforge.context.RunContext).
     Progress bars show when `progress` is true, or by default when stderr is a terminal.
     """
     if progress is None:

@@ -96,6 +96,32 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
         client.log_batch(run_id, metrics=items[i : i + _BATCH], synchronous=True)
 
 
+class MetricBuffer:
+    """Step metrics collected in memory and written in batches (one SQLite write per ~900)."""
+
+    def __init__(self, run_id: str, size: int = _BATCH):
+        self.run_id, self.size = run_id, size
+        self._items: list[Any] = []
+
+    def add(self, metrics: Mapping[str, Any], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._items.extend(Metric(k, v, now, step) for k, v in numeric(metrics).items())
+        if len(self._items) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        for i in range(0, len(self._items), _BATCH):
+            client.log_batch(self.run_id, metrics=self._items[i : i + _BATCH], synchronous=True)
+        self._items = []
+
+
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     import mlflow
     from mlflow.entities import Param

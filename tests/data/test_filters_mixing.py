@@ -73,3 +73,26 @@ def test_budget_without_total_is_limited_by_scarcest_source() -> None:
 def test_tokens_unit_needs_a_reference_tokenizer() -> None:
     with pytest.raises(ConfigError, match="reference_tokenizer"):
         build(mixing.MixingConfig, {"unit": "tokens"}, "mix.mixing")
+
+
+def test_tokens_unit_measures_with_the_reference_tokenizer(tmp_path) -> None:
+    from lmforge.tokenizer import TokenizerConfig, save, train
+
+    texts = [f"The year {1800 + i} saw {i} ships leave port." for i in range(300)]
+    tok = train(texts, TokenizerConfig(vocab_size=300))
+    save(tok, tmp_path / "tok")
+    cfg = build(mixing.MixingConfig, {"unit": "tokens", "reference_tokenizer": str(tmp_path / "tok/tokenizer.json")},
+                "mix.mixing")
+    sizes = mixing.Sizer(cfg).sizes(["1234", "ships ships"])
+    # digits are split one by one, so four digits are four tokens; bytes would say 4 and 11
+    assert sizes[0] == 4 and sizes[1] < 11
+
+
+def test_tokens_unit_with_a_bad_tokenizer_file_names_it(tmp_path) -> None:
+    from lmforge.errors import InputError
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    cfg = build(mixing.MixingConfig, {"unit": "tokens", "reference_tokenizer": str(bad)}, "mix.mixing")
+    with pytest.raises(InputError, match="tokenizer.json: cannot load reference tokenizer"):
+        mixing.Sizer(cfg)
