@@ -41,7 +41,7 @@ from pipelines.proc import (
     run_logged,
     stage_env,
 )
-from stages.dag import pipeline_key
+from stages.dag import pipeline_config, pipeline_key
 
 FLOW_NAME = "lmforge-pipeline"
 GPU_DEPLOYMENT = "lmforge-stage/gpu"  # declared in prefect.yaml, served by the `gpu` work pool
@@ -271,7 +271,7 @@ def pipeline(
     rev = code_version(root_path)["commit"]
     log.info("stages in order: %s", ", ".join(s.name for s in order))
 
-    experiment = tracking.configure(root_path)
+    experiment = tracking.configure(root_path, pipeline_config(root_path).mlflow_experiment)
     parent = tracking.create_parent(
         experiment, pipeline_key(root_path), driver="prefect", tags={"prefect.flow_run_id": str(flow_run.id)}
     )

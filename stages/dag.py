@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import read_yaml
+from lmforge.config import Config, build, read_yaml
 from lmforge.digest import sha256_json
 from lmforge.errors import ConfigError
 from lmforge.runtime import code_version
@@ -19,6 +19,17 @@ from lmforge.runtime import code_version
 DVC_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"
 DATA_DIR = "data"
+
+
+class PipelineConfig(Config):
+    """The `pipeline:` section of params.yaml: settings shared by every stage and the drivers."""
+
+    audit_log: str = "audit/log.jsonl"
+    mlflow_experiment: str = "lmforge"
+
+
+def pipeline_config(root: str | Path) -> PipelineConfig:
+    return build(PipelineConfig, params(root).get("pipeline"), f"{PARAMS_FILE}: pipeline")
 
 
 @dataclass(frozen=True)

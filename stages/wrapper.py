@@ -31,7 +31,7 @@ from typing import Any
 
 from lmforge import atomic, tracking
 from lmforge.audit import AuditLog, build_stage_record
-from lmforge.config import Config, StageConfig, build
+from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
 from lmforge.digest import sha256_path
 from lmforge.errors import InputError, LmforgeError
@@ -43,13 +43,6 @@ STAGING_PREFIX = ".staging-"
 SCRATCH_DIR = ".lmforge/scratch"  # per-stage resumable state (checkpoints), outside DVC outputs
 
 RunFn = Callable[..., Mapping[str, Any]]
-
-
-class PipelineConfig(Config):
-    """The `pipeline:` section of params.yaml: settings shared by every stage."""
-
-    audit_log: str = "audit/log.jsonl"
-    mlflow_experiment: str = "lmforge"
 
 
 def _now() -> str:
@@ -134,7 +127,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     spec = dag.load_stage(root, name)
     _validate_layout(spec)
     all_params = dag.params(root)
-    pipe = build(PipelineConfig, all_params.get("pipeline"), f"{dag.PARAMS_FILE}: pipeline")
+    pipe = dag.pipeline_config(root)
     if name not in all_params:
         raise LmforgeError(f"{dag.PARAMS_FILE}: section '{name}' is missing (add a '{name}:' block)")
     cfg = build(config_cls, all_params[name], f"{dag.PARAMS_FILE}: {name}")

@@ -27,13 +27,19 @@ def test_killed_stage_never_leaves_a_torn_output(tmp_path: Path) -> None:
     lock = lock_outs(repo)
     outs = [o for s in dag.load_stages(repo).values() for o in s.outs + s.metrics]
     complete = {o: sha256_path(repo / o) for o in outs}
+    # kill points are spread over each stage's own duration, whatever the machine's speed
+    duration = {}
+    for stage in ("mix", "tokenizer"):
+        t0 = time.perf_counter()
+        run(repo, "python", "-m", f"stages.{stage}")
+        duration[stage] = time.perf_counter() - t0
     rng = random.Random(7)
     killed = 0
     for trial in range(TRIALS):
         stage = ("mix", "tokenizer")[trial % 2]
         proc = subprocess.Popen([str(BIN / "python"), "-m", f"stages.{stage}"], cwd=repo, env=env_for(repo),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 8.0))
+        time.sleep(rng.uniform(0.05, 0.98) * duration[stage])
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             killed += 1
