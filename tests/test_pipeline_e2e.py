@@ -51,7 +51,7 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
 
 
 def test_audit_chain_records_every_stage(repo: Path) -> None:
-    run(repo, "lmforge", "audit", "verify", "--log", "audit/log.jsonl")
+    run(repo, "lmforge", "audit", "verify", "--log", "audit/log.jsonl", "--mlflow")
     records = [json.loads(x) for x in (repo / "audit/log.jsonl").read_text().splitlines()]
     assert records[0]["kind"] == "genesis"
     assert [r["stage"] for r in records[1:]] == STAGES
@@ -91,3 +91,22 @@ def test_prefect_flow_leaves_the_same_dvc_lock(repo: Path, tmp_path: Path) -> No
     assert "up to date" in run(flowed, "dvc", "status").stdout
     assert lock_outs(flowed) == lock_outs(repo)
     assert (flowed / "dvc.lock").read_text() == (repo / "dvc.lock").read_text()
+
+
+def test_cut_tail_with_rewritten_head_is_caught_by_the_mlflow_anchor(repo: Path, tmp_path: Path) -> None:
+    """A forger who cuts the last record AND rewrites head.json to match still loses to MLflow."""
+    import shutil
+
+    from lmforge.digest import canonical_json
+
+    audit_copy = tmp_path / "audit"
+    shutil.copytree(repo / "audit", audit_copy)
+    lines = (audit_copy / "log.jsonl").read_text().splitlines(keepends=True)
+    (audit_copy / "log.jsonl").write_text("".join(lines[:-1]))
+    last = json.loads(lines[-2])
+    (audit_copy / "head.json").write_text(canonical_json({"count": len(lines) - 1, "hash": last["hash"],
+                                                          "updated": last["ts"]}))
+    log = str(audit_copy / "log.jsonl")
+    assert run(repo, "lmforge", "audit", "verify", "--log", log).returncode == 0  # locally consistent
+    proc = run(repo, "lmforge", "audit", "verify", "--log", log, "--mlflow", check=False)
+    assert proc.returncode == 1 and "BROKEN" in proc.stderr and "anchor" in proc.stderr

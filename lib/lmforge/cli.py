@@ -15,6 +15,14 @@ from .errors import LmforgeError
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from . import audit
 
+    if args.mlflow:
+        from . import tracking
+
+        anchor = tracking.latest_audit_anchor(".", args.mlflow_experiment)
+        if anchor is None:
+            print("lmforge: error: no audit anchor in the MLflow store (no stage has run here)", file=sys.stderr)
+            return 1
+        args.expect_count, args.expect_hash = anchor
     return audit.cli_verify(args)
 
 
@@ -58,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--head", default=None, help="head anchor file (default: <log dir>/head.json)")
     v.add_argument("--expect-hash", default=None, help="also require this head hash (an external anchor)")
     v.add_argument("--expect-count", type=int, default=None, help="also require this record count")
+    v.add_argument("--mlflow", action="store_true",
+                   help="also require the newest head anchored on the MLflow runs (MLFLOW_TRACKING_URI "
+                   "or sqlite:///mlflow.db)")
+    v.add_argument("--mlflow-experiment", default="lmforge", help="experiment holding the anchors")
     v.set_defaults(func=_cmd_audit_verify)
     s = asub.add_parser("show", help="print the chain readably")
     s.add_argument("--log", default="audit/log.jsonl", help="audit log path (default: %(default)s)")

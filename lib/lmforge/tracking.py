@@ -176,3 +176,21 @@ def log_artifact(run_id: str, path: str | Path) -> None:
     import mlflow
 
     mlflow.MlflowClient().log_artifact(run_id, str(path))
+
+
+def latest_audit_anchor(root: str | Path, experiment: str = EXPERIMENT) -> tuple[int, str] | None:
+    """The longest audit head (count, hash) anchored on any run of the experiment, or None.
+
+    Stages tag their run and the pipeline parent with the audit head after each append; the
+    largest count is the newest head this store has seen, a second copy of head.json that
+    a rewrite of the log directory does not reach.
+    """
+    import mlflow
+
+    configure(root, experiment)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`audit.count` != ''", max_results=50_000)
+    anchors = [(int(r.data.tags["audit.count"]), r.data.tags["audit.head_hash"]) for r in runs
+               if "audit.head_hash" in r.data.tags]
+    return max(anchors) if anchors else None
