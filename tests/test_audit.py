@@ -283,15 +283,21 @@ def test_crash_during_the_first_append_leaves_a_recoverable_genesis(
     assert log.verify().ok and log.verify().count == 2
 
 
-def test_next_append_drops_a_torn_announced_line_itself(
-    log: AuditLog, crash_before_commit, monkeypatch
-) -> None:
+def _torn_by_a_crash(log: AuditLog, monkeypatch: pytest.MonkeyPatch, keep: float) -> None:
+    """Record 6 announced in the head, then cut short as SIGKILL mid-write leaves it."""
     with pytest.raises(Crash):
         log.append(stage_body(6))
     monkeypatch.undo()
     ls = lines(log)
-    ls[-1] = ls[-1][: len(ls[-1]) // 3]  # SIGKILL mid-write
+    ls[-1] = ls[-1][: int(len(ls[-1]) * keep)]
     write_lines(log, ls)
+    assert_broken(log, 6, "incomplete")
+
+
+def test_next_append_drops_a_torn_announced_line_itself(
+    log: AuditLog, crash_before_commit, monkeypatch
+) -> None:
+    _torn_by_a_crash(log, monkeypatch, keep=0.33)
     assert log.append(stage_body(7))["seq"] == 6
     assert log.verify().ok and log.verify().count == 7
 
@@ -299,13 +305,7 @@ def test_next_append_drops_a_torn_announced_line_itself(
 def test_crash_mid_write_leaves_a_torn_line_that_recover_drops(
     log: AuditLog, crash_before_commit, monkeypatch
 ) -> None:
-    with pytest.raises(Crash):
-        log.append(stage_body(6))
-    monkeypatch.undo()
-    ls = lines(log)
-    ls[-1] = ls[-1][: len(ls[-1]) // 2]  # the line as a crash mid-write leaves it
-    write_lines(log, ls)
-    assert_broken(log, 6, "incomplete")
+    _torn_by_a_crash(log, monkeypatch, keep=0.5)
     assert log.recover().startswith("dropped the torn, uncommitted record 6")
     assert log.verify().ok and log.verify().count == 6
     assert log.append(stage_body(6))["seq"] == 6
