@@ -10,8 +10,10 @@
         arrays = encode(list_of_texts)      # what the stage uses: uint32 arrays, multi-threaded
 
 `transformers.AutoTokenizer.from_pretrained("out/tokenizer")` loads the same tokenizer; it
-prepends `<|bos|>` when `add_special_tokens=True`, exactly as documents are laid out in the
-token shards. The `tokenizer` stage is `run(cfg, {"mix": mix_dir}, out_dir)`: it trains on the
+prepends `<|bos|>` when `add_special_tokens=True`, as documents are laid out in the token
+shards. (Text that contains special-token strings such as `<|user_start|>` is the exception:
+transformers maps them to special ids unless called with `split_special_tokens=True`, while the
+shards keep them as plain text.) The `tokenizer` stage is `run(cfg, {"mix": mix_dir}, out_dir)`: it trains on the
 mix's train split and writes `out_dir/tokenizer/` and `out_dir/tokens/` (see lmforge.tokens).
 
 Special tokens sit at the lowest ids in a fixed order (see `NAMED_SPECIALS`), then reserved

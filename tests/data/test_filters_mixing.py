@@ -25,6 +25,7 @@ PROSE = (
         ("\n".join(["the same line again and again"] * 20) + "\n" + PROSE, "repetitive_lines"),
         ("buy now " * 200, "repetitive_ngrams"),
         ("\u2588\u2591" * 200 + PROSE, "non_text"),
+        ("!?" * 200, "non_text"),
         (PROSE + "\n" + PROSE.upper(), None),
         ("def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n" + PROSE, None),
     ],
@@ -45,7 +46,7 @@ def _docs(name: str, n: int, size: int) -> list[Document]:
 def test_mixing_hits_shares_and_is_deterministic() -> None:
     a, b = _docs("a", 400, 100), _docs("b", 50, 100)  # b is scarce: 5,000 units
     shares = {"a": 0.7, "b": 0.3}
-    total = mixing.budget({"a": 40_000, "b": 5_000}, shares, 10_000, max_epochs=1)
+    total = mixing.budget({"a": 40_000, "b": 5_000}, shares, 10_000)
     assert total == 10_000
     da = mixing.draw_source(a, [100] * 400, 7_000, 1, seed=1, source_index=0)
     db = mixing.draw_source(b, [100] * 50, 3_000, 1, seed=1, source_index=1)
@@ -66,8 +67,8 @@ def test_scarce_source_repeats_up_to_max_epochs_then_falls_short() -> None:
 
 
 def test_budget_without_total_is_limited_by_scarcest_source() -> None:
-    assert mixing.budget({"a": 9_000, "b": 1_000}, {"a": 0.5, "b": 0.5}, None, 1) == 2_000
-    assert mixing.budget({"a": 9_000, "b": 1_000}, {"a": 0.5, "b": 0.5}, None, 3) == 6_000
+    # null total means "no repetition": max_epochs only applies to an explicit total
+    assert mixing.budget({"a": 9_000, "b": 1_000}, {"a": 0.5, "b": 0.5}, None) == 2_000
 
 
 def test_tokens_unit_needs_a_reference_tokenizer() -> None:

@@ -79,5 +79,24 @@ def test_source_needs_exactly_one_location() -> None:
 
 
 def test_normalize() -> None:
-    raw = "\ufeffCafe\u0301 \r\nline  \n\n\n\n\nnext\x00\n    indented code\n"
-    assert normalize(raw) == "Café\nline\n\nnext\n    indented code"
+    raw = "\ufeffCafe\u0301 \r\nline  \n\n\n\n\nnext\x00\x9b\x85    indented code\u2028end\n"
+    assert normalize(raw) == "Café\nline\n\nnext\n    indented code\nend"
+
+
+def test_parquet_dir_without_ids_and_bad_unicode_and_corrupt_gzip(tmp_path: Path) -> None:
+    d = tmp_path / "pq"
+    d.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [f"{name} one", f"{name} two"]}), d / f"{name}.parquet")
+    assert [x.id for x in read_source(src(path=str(d)))] == ["s/a.parquet#1", "s/a.parquet#2",
+                                                             "s/b.parquet#1", "s/b.parquet#2"]
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"text": "ok"}\n{"text": "bad \\ud800 surrogate"}\n')
+    with pytest.raises(InputError, match=r"lone.jsonl:2: field 'text' is not valid Unicode"):
+        read_source(src(path=str(lone)))
+    gz = tmp_path / "c.jsonl.gz"
+    body = bytearray(gzip.compress(b"".join(b'{"text": "document %d"}\n' % i for i in range(2000))))
+    body[40:100] = bytes(60)
+    gz.write_bytes(bytes(body))
+    with pytest.raises(InputError, match="c.jsonl.gz: cannot read"):
+        read_source(src(path=str(gz)))

@@ -8,7 +8,8 @@ document in `dropped.parquet`:
 - repetitive_ngrams: the most frequent word 3-gram covers more than max_top_ngram_frac of
   the words (catches "buy now buy now ..." spam);
 - non_text: the share of characters that are neither letters, digits, whitespace nor
-  ASCII punctuation exceeds max_non_text_frac (binary junk, box drawing, emoji walls).
+  ASCII punctuation exceeds max_non_text_frac (binary junk, box drawing, emoji walls), or the
+  document has no letter or digit at all.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class FilterConfig(Config):
 
     @model_validator(mode="after")
     def _bounds(self) -> FilterConfig:
-        if not 0 <= self.min_chars < self.max_chars:
-            raise ValueError("need 0 <= min_chars < max_chars")
+        if not 1 <= self.min_chars < self.max_chars:
+            raise ValueError("need 1 <= min_chars < max_chars")
         for k in ("max_dup_line_frac", "max_top_ngram_frac", "max_non_text_frac"):
             if not 0 < getattr(self, k) <= 1:
                 raise ValueError(f"{k} must be in (0, 1]")
@@ -73,7 +74,7 @@ def reason_to_drop(text: str, cfg: FilterConfig) -> str | None:
         return "too_short"
     if n > cfg.max_chars:
         return "too_long"
-    if non_text_frac(text) > cfg.max_non_text_frac:
+    if non_text_frac(text) > cfg.max_non_text_frac or not any(c.isalnum() for c in text):
         return "non_text"
     if dup_line_frac(text) > cfg.max_dup_line_frac:
         return "repetitive_lines"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def records(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
                 yield n, raw, rec
     except IsADirectoryError:
         raise InputError(path, "is a directory, not a jsonl file") from None
-    except (OSError, EOFError) as e:  # gzip: truncated or not gzip at all
+    except (OSError, EOFError, zlib.error) as e:  # gzip: truncated, corrupt, or not gzip at all
         if isinstance(e, FileNotFoundError):
             raise InputError(path, "file not found", fix="check the path") from None
         raise InputError(path, f"cannot read: {e}") from None
@@ -54,4 +55,15 @@ def text_of(rec: dict[str, Any], field: str, path: Path | str, line: int, fix: s
     if not isinstance(value, str):
         raise InputError(path, f"field '{field}' must be a string, got {type(value).__name__}", line=line,
                          fix=f'write "{field}": "<string>"')
+    return valid_unicode(value, f"field '{field}'", path, line)
+
+
+def valid_unicode(value: str, what: str, path: Path | str, line: int) -> str:
+    """JSON's \\ud800-style escapes can smuggle lone surrogates past UTF-8 decoding; refuse them here
+    rather than crash later when the text is encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(path, f"{what} is not valid Unicode (lone surrogate {value[e.start]!r} at "
+                         f"character {e.start})", line=line, fix="fix the \\u escape in the file") from None
     return value

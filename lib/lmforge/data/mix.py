@@ -16,13 +16,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
 from pydantic import field_validator, model_validator
 
 from ..config import StageConfig
 from ..errors import LmforgeError
 from . import mixing, schemas, shards
-from .dedup import DedupConfig, exact_duplicates, near_duplicates
+from .dedup import EXACT, DedupConfig, deduplicate
 from .filters import REASONS, FilterConfig, reason_to_drop
 from .mixing import MixingConfig
 from .normalize import normalize
@@ -38,6 +39,13 @@ class MixConfig(StageConfig):
     val_fraction: float = 0.02
     val_max_docs_per_source: int = 200
     rows_per_shard: int = 20_000
+
+    @field_validator("val_max_docs_per_source", "rows_per_shard")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
 
     @field_validator("val_fraction")
     @classmethod
@@ -64,9 +72,35 @@ def _log(msg: str) -> None:
     print(f"[mix] {msg}", file=sys.stderr, flush=True)
 
 
+def _id_hash(doc_id: str, seed: int) -> int:
+    return xxhash.xxh64_intdigest(doc_id.encode("utf-8"), seed=seed)
+
+
 def _is_val(doc_id: str, seed: int, fraction: float) -> bool:
     # A hash of the id, not a position: adding documents never moves others across the split.
-    return xxhash.xxh64_intdigest(doc_id.encode("utf-8"), seed=seed) % 1_000_000 < fraction * 1_000_000
+    return _id_hash(doc_id, seed) % 1_000_000 < fraction * 1_000_000
+
+
+def split(
+    kept: list[Document], names: list[str], cfg: MixConfig
+) -> tuple[dict[str, list[Document]], dict[str, list[Document]]]:
+    """Train pool and val set per source, by a hash of each id.
+
+    Val is capped at `val_max_docs_per_source` (the overflow goes back to the train pool, so
+    no document is lost), and a source the hash gave no val document gets its lowest-hash
+    one, so every source has a val score.
+    """
+    pool: dict[str, list[Document]] = defaultdict(list)
+    val: dict[str, list[Document]] = defaultdict(list)
+    for d in kept:
+        wanted = _is_val(d.id, cfg.seed, cfg.val_fraction) and len(val[d.source]) < cfg.val_max_docs_per_source
+        (val if wanted else pool)[d.source].append(d)
+    for name in names:
+        if not val[name] and len(pool[name]) > 1:
+            pick = min(pool[name], key=lambda d: _id_hash(d.id, cfg.seed))
+            pool[name].remove(pick)
+            val[name].append(pick)
+    return pool, val
 
 
 def run(cfg: MixConfig, inputs: dict[str, Path], out_dir: Path, root: Path = Path(".")) -> dict[str, Any]:
@@ -97,38 +131,21 @@ def run(cfg: MixConfig, inputs: dict[str, Path], out_dir: Path, root: Path = Pat
         _log(f"{src.name}: {len(raw)} documents read")
 
     # exact, then near duplicates, across all sources
-    first = exact_duplicates([d.text for d in docs])
-    unique = []
-    for d, f in zip(docs, first, strict=True):
-        if f >= 0:
-            drop(d, "exact_duplicate", docs[f].id)
-        else:
-            unique.append(d)
-    near = near_duplicates([d.text for d in unique], cfg.dedup)
-    kept: list[Document] = []
-    for i, d in enumerate(unique):
-        if near.keep[i]:
-            kept.append(d)
-        else:
-            drop(d, "near_duplicate", unique[int(near.duplicate_of[i])].id)
-    reps: dict[int, int] = {}  # cluster -> its lowest index, the document kept
-    for i, c in enumerate(near.cluster.tolist()):
-        if c >= 0 and c not in reps:
-            reps[c] = i
-            stats[unique[i].source]["duplicate_clusters"] += 1
-    _log(f"dedup: {len(docs) - len(unique)} exact, {near.n_removed} near duplicates "
-         f"({near.confirmed_pairs}/{near.candidate_pairs} candidate pairs confirmed)")
+    outcome = deduplicate([d.text for d in docs], cfg.dedup)
+    kept = [d for d, k in zip(docs, outcome.keep.tolist(), strict=True) if k]
+    keepers_with_twins: set[int] = set()
+    for i in np.flatnonzero(~outcome.keep).tolist():
+        j = int(outcome.duplicate_of[i])  # always a kept document, even through chains
+        keepers_with_twins.add(j)
+        drop(docs[i], "exact_duplicate" if outcome.reason[i] == EXACT else "near_duplicate", docs[j].id)
+    for j in keepers_with_twins:  # a cluster: a kept document and the twins removed in its favour
+        stats[docs[j].source]["duplicate_clusters"] += 1
+    c = outcome.counts()
+    _log(f"dedup: {c['exact_removed']} exact, {c['near_removed']} near duplicates "
+         f"({c['confirmed_pairs']}/{c['candidate_pairs']} candidate pairs confirmed)")
 
-    # split, then mix the train side to the target shares
-    by_source: dict[str, list[Document]] = defaultdict(list)
-    val: dict[str, list[Document]] = defaultdict(list)
+    by_source, val = split(kept, [s.name for s in cfg.sources], cfg)
     survivors = Counter(d.source for d in kept)
-    for d in kept:
-        if _is_val(d.id, cfg.seed, cfg.val_fraction):
-            if len(val[d.source]) < cfg.val_max_docs_per_source:
-                val[d.source].append(d)
-        else:
-            by_source[d.source].append(d)
     sizer = mixing.Sizer(cfg.mixing)
     sizes = {s.name: sizer.sizes([d.text for d in by_source[s.name]]) for s in cfg.sources}
     shares = {s.name: s.share for s in cfg.sources}
@@ -138,7 +155,7 @@ def run(cfg: MixConfig, inputs: dict[str, Path], out_dir: Path, root: Path = Pat
                 f"source '{name}' has no training documents left after filters, dedup and the val split; "
                 "loosen mix.filters, lower val_fraction, or drop the source"
             )
-    total = mixing.budget({n: sum(v) for n, v in sizes.items()}, shares, cfg.mixing.total, cfg.mixing.max_epochs)
+    total = mixing.budget({n: sum(v) for n, v in sizes.items()}, shares, cfg.mixing.total)
     draws: list[mixing.Draw] = []
     drawn: dict[str, mixing.SourceDraw] = {}
     for idx, src in enumerate(cfg.sources):
@@ -170,7 +187,7 @@ def run(cfg: MixConfig, inputs: dict[str, Path], out_dir: Path, root: Path = Pat
         st, dr = stats[src.name], drawn[src.name]
         st.update(
             docs_kept=survivors[src.name],  # after filters and dedup, before split and mixing
-            train_pool_docs=len(by_source[src.name]),
+            train_pool_docs=len(by_source[src.name]),  # kept minus val
             units_available=dr.available,
             units_train=dr.selected,
             train_docs=len(dr.draws),
@@ -195,7 +212,8 @@ def run(cfg: MixConfig, inputs: dict[str, Path], out_dir: Path, root: Path = Pat
             "units_val": sum(val_sizes.values()),
         },
         "dropped": {r: reasons.get(r, 0) for r in (*REASONS, "exact_duplicate", "near_duplicate")},
-        "dedup": {"candidate_pairs": near.candidate_pairs, "confirmed_pairs": near.confirmed_pairs,
-                  "clusters": near.n_clusters},
+        "dedup": {"candidate_pairs": c["candidate_pairs"], "confirmed_pairs": c["confirmed_pairs"],
+                  "exact_groups": c["exact_groups"], "near_clusters": c["near_clusters"],
+                  "clusters": len(keepers_with_twins)},
     }
 

@@ -23,7 +23,7 @@ class MixingConfig(Config):
     unit: Literal["bytes", "tokens"] = "bytes"
     reference_tokenizer: str | None = None  # a tokenizer.json; required for unit: tokens
     total: int | None = None  # train budget in `unit`; None = the most that needs no repetition
-    max_epochs: int = 1
+    max_epochs: int = 1  # with a `total`, a scarce source may be repeated up to this many passes
 
     @field_validator("max_epochs")
     @classmethod
@@ -79,11 +79,11 @@ class SourceDraw:
     epochs: int
 
 
-def budget(available: dict[str, int], shares: dict[str, float], total: int | None, max_epochs: int) -> float:
-    """The train total: as given, or the largest every source can fill within max_epochs."""
+def budget(available: dict[str, int], shares: dict[str, float], total: int | None) -> float:
+    """The train total: as given, or the largest every source can fill without repeating."""
     if total is not None:
         return float(total)
-    return min(available[s] * max_epochs / shares[s] for s in shares)
+    return min(available[s] / shares[s] for s in shares)
 
 
 def draw_source(

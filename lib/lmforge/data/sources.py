@@ -29,6 +29,7 @@ class SourceConfig(Config):
     hub: str | None = None
     hub_config: str | None = None
     hub_split: str = "train"
+    hub_revision: str | None = None  # a commit sha pins a Hub dataset; without it upstream edits leak in
     format: Literal["jsonl", "parquet", "text"] | None = None  # None: inferred from `path`
     text_field: str = "text"
     id_field: str | None = "id"
@@ -41,6 +42,13 @@ class SourceConfig(Config):
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError("must be lowercase letters, digits and '_', starting with a letter")
+        return v
+
+    @field_validator("max_docs")
+    @classmethod
+    def _max_docs(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1 (or null for no cap)")
         return v
 
     @field_validator("share")
@@ -80,13 +88,22 @@ def _check_text(rec: dict[str, Any], src: SourceConfig, path: Path, line: int) -
                          fix=f"add it, or set text_field for source '{src.name}' in params.yaml")
 
 
-def _read_jsonl(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
+# Each reader yields (file, line, id or None, text); "line" is the row number for parquet and
+# the file's ordinal for a text directory, 1-based.
+Row = tuple[Path, int, "str | None", str]
+
+
+def _id(value: object, path: Path, line: int) -> str | None:
+    return None if value is None else jsonl.valid_unicode(str(value), "id", path, line)
+
+
+def _read_jsonl(src: SourceConfig, path: Path) -> Iterator[Row]:
     for n, _raw, rec in jsonl.records(path):
-        rid = rec.get(src.id_field) if src.id_field else None
-        yield n, (None if rid is None else str(rid)), _check_text(rec, src, path, n)
+        rid = _id(rec.get(src.id_field), path, n) if src.id_field else None
+        yield path, n, rid, _check_text(rec, src, path, n)
 
 
-def _read_parquet(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
+def _read_parquet(src: SourceConfig, path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
@@ -99,40 +116,47 @@ def _read_parquet(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | No
             raise InputError(f, f"no column '{src.text_field}' (columns: {table.column_names})",
                              fix=f"set text_field for source '{src.name}' in params.yaml")
         texts = table.column(src.text_field).to_pylist()
-        ids = table.column(src.id_field).to_pylist() if src.id_field in table.column_names else [None] * len(texts)
+        has_ids = src.id_field is not None and src.id_field in table.column_names
+        ids = table.column(src.id_field).to_pylist() if has_ids else [None] * len(texts)
         for i, (rid, text) in enumerate(zip(ids, texts, strict=True), start=1):
-            # "line" of a parquet file is its row number, 1-based
-            yield i, (None if rid is None else str(rid)), _check_text({src.text_field: text}, src, f, i)
+            yield f, i, _id(rid, f, i), _check_text({src.text_field: text}, src, f, i)
 
 
-def _read_text(src: SourceConfig, path: Path) -> Iterator[tuple[int, str | None, str]]:
+def _read_text(src: SourceConfig, path: Path) -> Iterator[Row]:
     files = sorted(p for p in path.rglob("*.txt")) if path.is_dir() else [path]
     for i, f in enumerate(files, start=1):
+        data = f.read_bytes()
         try:
-            text = f.read_bytes().decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = f.read_bytes()[: e.start].count(b"\n") + 1
-            raise InputError(f, "not UTF-8", line=line, fix="re-encode the file as UTF-8") from None
-        rid = f.relative_to(path).as_posix() if path.is_dir() else f.name
-        yield i, rid, text
+            raise InputError(f, "not UTF-8", line=data[: e.start].count(b"\n") + 1,
+                             fix="re-encode the file as UTF-8") from None
+        yield f, i, (f.relative_to(path).as_posix() if path.is_dir() else f.name), text
 
 
-def _read_hub(src: SourceConfig) -> Iterator[tuple[int, str | None, str]]:
+def _read_hub(src: SourceConfig) -> Iterator[Row]:
     import datasets
 
+    where = Path(f"hub:{src.hub}")
     try:
-        ds = datasets.load_dataset(src.hub, name=src.hub_config, split=src.hub_split, streaming=True)
-    except Exception as e:  # datasets raises many types (network, missing config, ...)
-        raise InputError(f"hub:{src.hub}", f"cannot load dataset: {e}",
-                         fix="check the id and config, and network access (HF_HUB_OFFLINE)") from None
-    for i, rec in enumerate(ds, start=1):
-        rid = rec.get(src.id_field) if src.id_field else None
-        yield i, (None if rid is None else str(rid)), _check_text(dict(rec), src,
-                                                                   Path(f"hub:{src.hub}"), i)
+        ds = datasets.load_dataset(src.hub, name=src.hub_config, split=src.hub_split, streaming=True,
+                                   revision=src.hub_revision)
+        for i, rec in enumerate(ds, start=1):
+            rid = _id(rec.get(src.id_field), where, i) if src.id_field else None
+            yield where, i, rid, _check_text(dict(rec), src, where, i)
+    except InputError:
+        raise
+    except Exception as e:  # datasets raises many types (network, missing config, bad shard...)
+        raise InputError(where, f"cannot stream dataset: {e}",
+                         fix="check the id, config and revision, and network access (HF_HUB_OFFLINE)") from None
 
 
 def read_source(src: SourceConfig, root: Path = Path(".")) -> list[Document]:
-    """All documents of one source, in file order (capped at `max_docs`)."""
+    """All documents of one source, in file order (capped at `max_docs`).
+
+    A record without an id gets `#<line>` (`<file>#<line>` in a directory of files), which
+    cannot collide with another file's rows; ids are made global as `<source>/<id>`.
+    """
     if src.hub is not None:
         rows = _read_hub(src)
         where: Path = Path(f"hub:{src.hub}")
@@ -144,14 +168,16 @@ def read_source(src: SourceConfig, root: Path = Path(".")) -> list[Document]:
         fmt = src.resolved_format()
         rows = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}[fmt](src, where)
     docs: list[Document] = []
-    seen: dict[str, int] = {}
-    for line, rid, text in rows:
-        local = rid if rid is not None else str(line)
-        if local in seen:
-            raise InputError(where, f"duplicate id {local!r} (first at line {seen[local]})", line=line,
+    seen: dict[str, tuple[Path, int]] = {}
+    for path, line, rid, text in rows:
+        if rid is None:
+            rid = f"{path.relative_to(where).as_posix()}#{line}" if where.is_dir() else f"#{line}"
+        if rid in seen:
+            first = seen[rid]
+            raise InputError(path, f"duplicate id {rid!r} (first at {first[0]}:{first[1]})", line=line,
                              fix="make ids unique within the source, or set id_field: null")
-        seen[local] = line
-        docs.append(Document(id=f"{src.name}/{local}", source=src.name, text=text))
+        seen[rid] = (path, line)
+        docs.append(Document(id=f"{src.name}/{rid}", source=src.name, text=text))
         if src.max_docs is not None and len(docs) >= src.max_docs:
             break
     if not docs:
