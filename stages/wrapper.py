@@ -6,8 +6,9 @@ It does DESIGN.md's seven steps in order, the same for every stage:
 3. open an MLflow child run under the pipeline's parent; log params and input digests;
 4. run the library's `run(cfg, inputs, out_dir[, ctx])` into a private staging directory
    (`ctx` is a lmforge.context.RunContext: step metrics, timings, a scratch dir for checkpoints);
-5. check the staging directory holds exactly the outputs dvc.yaml declares, then move each
-   into place atomically (an interrupted stage leaves the old outputs or none, never a torn one);
+5. check the staging directory holds exactly the outputs dvc.yaml declares, then swap it in for
+   data/<stage>/ with one rename: an interrupted stage leaves the old set of outputs or none,
+   never a torn file and never a mix of old and new outputs;
 6. log metrics (metrics.json also becomes the DVC metric), timings and artifacts;
 7. append one record to the audit chain and anchor its head on the MLflow runs.
 
@@ -33,13 +34,13 @@ from lmforge import atomic, tracking
 from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
-from lmforge.digest import sha256_path
+from lmforge.digest import sha256_json, sha256_path
 from lmforge.errors import InputError, LmforgeError
 from lmforge.runtime import code_version, environment
 from stages import dag
 
 RUNNER_ENV = "LMFORGE_RUNNER"
-STAGING_PREFIX = ".staging-"
+STAGING = ".{}.staging-{}"  # data/.<stage>.staging-<pid>: a sibling of data/<stage>/
 SCRATCH_DIR = ".lmforge/scratch"  # per-stage resumable state (checkpoints), outside DVC outputs
 
 RunFn = Callable[..., Mapping[str, Any]]
@@ -80,17 +81,21 @@ def _check_outputs(staging: Path, spec: dag.StageSpec) -> None:
 
 
 def _publish(staging: Path, root: Path, spec: dag.StageSpec) -> None:
-    for out in spec.all_outs:
-        atomic.replace(staging / Path(out).relative_to(spec.out_dir), root / out)
+    """Swap the staged set of outputs in for data/<stage>/ as a whole (one directory rename)."""
+    target = root / spec.out_dir
+    gitignore = target / ".gitignore"  # DVC's, listing the outputs for git
+    if gitignore.exists():
+        shutil.copy2(gitignore, staging / ".gitignore")
+    atomic.replace(staging, target)
 
 
-def _clean_stale_staging(out_dir: Path) -> None:
-    """Leftovers of killed runs: staging dirs and the temp/old names of an interrupted swap
-    (lmforge.atomic). Hidden and undeclared, so DVC never sees them; removed here."""
-    if out_dir.is_dir():
-        for pattern in (f"{STAGING_PREFIX}*", ".*.tmp-*", ".*.old-*"):
-            for p in out_dir.glob(pattern):
-                atomic.remove(p)
+def _clean_stale(root: Path, name: str) -> None:
+    """Leftovers of killed runs: a staging dir, or the temp/old names of an interrupted swap
+    (lmforge.atomic). Siblings of data/<stage>/, hidden and undeclared: DVC never sees them."""
+    data = root / dag.DATA_DIR
+    for pattern in (STAGING.format(name, "*"), f".{name}.tmp-*", f".{name}.old-*"):
+        for p in data.glob(pattern):
+            atomic.remove(p)
 
 
 def _validate_layout(spec: dag.StageSpec) -> None:
@@ -106,8 +111,8 @@ def _run_and_publish(
     run: RunFn, cfg: StageConfig, inputs: dict[str, Path], ctx: RunContext, spec: dag.StageSpec, root: Path
 ) -> dict[str, Any]:
     """Steps 4 and 5: run into a private staging dir, check the output contract, publish."""
-    staging = root / spec.out_dir / f"{STAGING_PREFIX}{os.getpid()}"
-    staging.mkdir()
+    staging = root / dag.DATA_DIR / STAGING.format(spec.name, os.getpid())
+    staging.mkdir(parents=True)
     try:
         kwargs = {"ctx": ctx} if "ctx" in inspect.signature(run).parameters else {}
         metrics = dict(run(cfg, inputs, staging, **kwargs))
@@ -143,8 +148,8 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     parent = os.environ.get(tracking.PARENT_ENV) or tracking.find_or_create_parent(
         exp_id, dag.pipeline_key(root), tags={"lmforge.commit": str(code["commit"])}
     )
-    (root / spec.out_dir).mkdir(parents=True, exist_ok=True)
-    _clean_stale_staging(root / spec.out_dir)
+    _clean_stale(root, name)
+    params_digest = cfg.digest()  # before the run: nothing the run does can change what is recorded
     audit = AuditLog(root / pipe.audit_log)
     tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"])}
     try:
@@ -153,13 +158,16 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             tracking.log_input_digests(input_digests)
             # 4-5. run, check, publish atomically
             steps = tracking.MetricBuffer(run_id)
-            ctx = RunContext(scratch=root / SCRATCH_DIR / name, sink=steps.add)
+            # Resumable state is keyed by params and inputs: a run killed under other params or
+            # other data is never resumed by this one.
+            resume_key = sha256_json({"params": params_digest, "inputs": input_digests})[:16]
+            ctx = RunContext(scratch=root / SCRATCH_DIR / name / resume_key, sink=steps.add)
             try:
                 metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
             finally:
                 steps.flush()
             # resumable state is only for a run that did not finish
-            shutil.rmtree(ctx.scratch, ignore_errors=True)
+            shutil.rmtree(root / SCRATCH_DIR / name, ignore_errors=True)
             output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
             # 6. metrics, timings, artifacts
             tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})
@@ -169,7 +177,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
                 stage=name,
                 inputs=input_digests,
                 outputs=output_digests,
-                params_digest=cfg.digest(),
+                params_digest=params_digest,
                 code=code,
                 environment=environment(),
                 runner=runner,

@@ -48,6 +48,10 @@ def test_killed_stage_never_leaves_a_torn_output(tmp_path: Path) -> None:
             # the previous complete output (same inputs: the same bytes), or none — never a torn one
             if (repo / out).exists():
                 assert sha256_path(repo / out) == complete[out], (trial, stage, out)
+        for spec in dag.load_stages(repo).values():
+            # a stage's outputs are swapped in as one set: all there or none
+            present = {(repo / o).exists() for o in spec.outs + spec.metrics}
+            assert len(present) == 1, (trial, spec.name, present)
         report = AuditLog(repo / "audit/log.jsonl").verify()
         assert report.ok or report.recoverable, (trial, report.problem)
     print(f"{killed}/{TRIALS} trials killed a running stage")

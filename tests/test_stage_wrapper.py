@@ -82,7 +82,7 @@ def test_bad_source_fails_cleanly(repo: Path, kind: str) -> None:
     where = f"{bad.name}:{line}" if line else bad.name
     assert where in proc.stderr and needle in proc.stderr, proc.stderr
     assert _snapshot(repo) == before
-    assert not list((repo / "data/mix").glob(".staging-*"))
+    assert not list((repo / "data").glob(".mix.*"))  # no staging dir or half swap left
 
 
 def test_unknown_params_key_fails_before_any_work(repo: Path) -> None:

@@ -46,9 +46,14 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
 def replace(src: Path, target: Path) -> None:
     """Move `src` onto `target`. A directory target is swapped out, then deleted."""
     src, target = Path(src), Path(target)
-    if src.is_file():
-        with open(src, "rb") as fh:
+    # Data reaches the disk before the rename that makes it visible, so a power cut cannot
+    # leave a renamed-in but empty file.
+    for f in [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    if src.is_dir():
+        for d in [src, *sorted(p for p in src.rglob("*") if p.is_dir())]:
+            _fsync_dir(d)
     if target.is_dir() and not target.is_symlink():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, trash)
