@@ -35,7 +35,7 @@ from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
 from lmforge.digest import sha256_json, sha256_path
-from lmforge.errors import InputError, LmforgeError
+from lmforge.errors import ConfigError, InputError, LmforgeError
 from lmforge.runtime import code_version, environment
 from stages import dag
 
@@ -66,6 +66,21 @@ def _inputs(root: Path, spec: dag.StageSpec) -> dict[str, Path]:
         if "/" in rel:
             inputs.setdefault(rel.split("/")[0], root / dag.DATA_DIR / rel.split("/")[0])
     return inputs
+
+
+def _check_declared(root: Path, spec: dag.StageSpec, cfg: StageConfig) -> None:
+    """Every local file a config points at must sit under one of the stage's dvc.yaml deps, or
+    DVC would not re-run the stage when it changes and the audit would not digest it."""
+    paths = cfg.input_paths() if hasattr(cfg, "input_paths") else []
+    deps = [(root / d).resolve() for d in spec.deps]
+    for p in paths:
+        full = (root / p).resolve()
+        if not any(full == d or d in full.parents for d in deps):
+            raise ConfigError(
+                f"{dag.PARAMS_FILE}: {spec.name} reads {p}, which is not under any dependency of stage "
+                f"'{spec.name}' (fix: add it, or a directory holding it, to stages.{spec.name}.deps in "
+                f"{dag.DVC_FILE})"
+            )
 
 
 def _check_outputs(staging: Path, spec: dag.StageSpec) -> None:
@@ -137,6 +152,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
         raise LmforgeError(f"{dag.PARAMS_FILE}: section '{name}' is missing (add a '{name}:' block)")
     cfg = build(config_cls, all_params[name], f"{dag.PARAMS_FILE}: {name}")
     # 2. inputs
+    _check_declared(root, spec, cfg)
     inputs = _inputs(root, spec)
     input_digests = {dep: sha256_path(root / dep) for dep in spec.data_deps}
     code = code_version(root)
@@ -146,7 +162,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     exp_id = tracking.configure(root, pipe.mlflow_experiment)
     owns_parent = tracking.PARENT_ENV not in os.environ
     parent = os.environ.get(tracking.PARENT_ENV) or tracking.find_or_create_parent(
-        exp_id, dag.pipeline_key(root), tags={"lmforge.commit": str(code["commit"])}
+        exp_id, dag.pipeline_key(root), name, tags={"lmforge.commit": str(code["commit"])}
     )
     _clean_stale(root, name)
     params_digest = cfg.digest()  # before the run: nothing the run does can change what is recorded
@@ -186,7 +202,8 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
                 finished=_now(),
             )
             appended = audit.append(record)
-            anchor = {"audit.head_hash": appended["hash"], "audit.count": str(appended["seq"] + 1)}
+            anchor = {"audit.chain_id": audit.chain_id(), "audit.head_hash": appended["hash"],
+                      "audit.count": str(appended["seq"] + 1)}
             tracking.set_tags(run_id, anchor)
             tracking.set_tags(parent, anchor)
     except BaseException:

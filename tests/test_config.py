@@ -64,3 +64,15 @@ def test_profile_apply_merges_keeps_comments_and_rejects_typos(tmp_path: Path) -
     with pytest.raises(ConfigError, match="mix.totl"):
         apply(params, prof)
     assert params.read_text() == before
+
+
+def test_yaml_is_read_as_dvc_reads_it(tmp_path: Path) -> None:
+    """YAML 1.2 (ruamel, as DVC): 3e-4 is a number, `on` is a string, errors name the line."""
+    from lmforge.config import read_yaml
+
+    p = tmp_path / "params.yaml"
+    p.write_text("a:\n  lr: 3e-4\n  flag: on\n  big: 1.0e5\n")
+    assert read_yaml(p) == {"a": {"lr": 0.0003, "flag": "on", "big": 100000.0}}
+    p.write_text("a:\n  b: [1, 2\n  c: 3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:\d+: invalid YAML"):
+        read_yaml(p)

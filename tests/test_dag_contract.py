@@ -13,6 +13,8 @@ from stages import dag
 ROOT = Path(__file__).resolve().parent.parent
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+SHARED_CODE = ("stages/wrapper.py", "stages/dag.py", "lib/lmforge/atomic.py", "lib/lmforge/config.py",
+               "lib/lmforge/digest.py")
 
 
 @pytest.mark.parametrize("name", list(DVC))
@@ -26,6 +28,8 @@ def test_one_name_per_stage(name: str) -> None:
     assert spec.all_outs and all(o.startswith(f"data/{name}/") for o in spec.all_outs)
     assert f"data/{name}/metrics.json" in spec.metrics
     assert f"stages/{name}.py" in spec.deps
+    # the shared code that writes metrics.json and publishes outputs must re-run a stage when it changes
+    assert set(SHARED_CODE) <= set(spec.deps), set(SHARED_CODE) - set(spec.deps)
 
 
 @pytest.mark.parametrize("name", list(DVC))

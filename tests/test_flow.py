@@ -1,6 +1,6 @@
 """The Prefect flow drives dvc.yaml like `dvc repro` does: same order, same dvc.lock, same skips.
 
-Run: `.venv/bin/python -m pytest -q tests/test_flow.py` (about 50 s on 2 cores: one Prefect
+Run: `.venv/bin/python -m pytest -q tests/test_flow.py` (about 70 s on 2 cores: one Prefect
 test server, ~10 s, plus DVC's ~1 s start-up per command). Everything happens in tmp dirs:
 toy git+DVC repos of three stages (the middle one `meta.runner: gpu`), a Prefect test server
 with its own database and PREFECT_HOME, one MLflow SQLite store. The gpu route is tested
@@ -11,9 +11,13 @@ on a second clone that shares only git and a DVC remote with the first.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,20 +27,27 @@ import pytest
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import TaskRun
+from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.settings import (
     PREFECT_HOME,
     PREFECT_SERVER_ANALYTICS_ENABLED,
     temporary_settings,
 )
-from prefect.states import Failed
+from prefect.states import Failed, Running, Scheduled
 from prefect.testing.utilities import prefect_test_harness
 
 from lmforge.errors import ConfigError
 from pipelines import flow as flow_mod
 from pipelines.flow import GPU_DEPLOYMENT, choose_route, pipeline
 from pipelines.graph import plan
-from pipelines.proc import StageFailedError, outcome, require_ok, run_logged, stage_env
+from pipelines.proc import (
+    StageFailedError,
+    outcome,
+    require_ok,
+    run_logged,
+    stage_env,
+    tracking_store_is_shared,
+)
 from pipelines.stage_runner import run_stage
 from stages.dag import pipeline_key
 
@@ -58,6 +69,9 @@ with open(name + ".json", "w") as f:
 """
 
 STAGES = ("prep", "train", "report")  # dvc.yaml order = topological order
+# What the routed tests tell the flow MLFLOW_TRACKING_URI is: a server a worker could reach.
+# The store really used stays the module's SQLite one, which the in-process "worker" shares.
+SHARED_TRACKING_URI = "http://mlflow.test:5000"
 
 
 def _dvc_yaml(fail: str | None) -> str:
@@ -170,22 +184,55 @@ def parent_run(tag: str, value: str) -> mlflow.entities.Run:
 
 
 @pytest.mark.parametrize(
-    ("runner", "api_url", "exists", "rev", "where", "reason_has"),
+    ("runner", "api_url", "exists", "rev", "uri", "where", "reason_has"),
     [
-        ("cpu", "http://x/api", True, "abc", "local", "cpu stage"),
-        ("gpu", None, True, "abc", "local", "PREFECT_API_URL"),
-        ("gpu", "http://x/api", False, "abc", "local", f"no deployment '{GPU_DEPLOYMENT}'"),
-        ("gpu", "http://x/api", True, None, "local", "no git commit"),
-        ("gpu", "http://x/api", True, "abc", "deployment", GPU_DEPLOYMENT),
+        ("cpu", "http://x/api", True, "abc", "http://m", "local", "cpu stage"),
+        ("gpu", None, True, "abc", "http://m", "local", "PREFECT_API_URL"),
+        ("gpu", "http://x/api", False, "abc", "http://m", "local", f"no deployment '{GPU_DEPLOYMENT}'"),
+        ("gpu", "http://x/api", True, None, "http://m", "local", "no git commit"),
+        # The worker's stage run must join the parent run: not through a store on this machine.
+        ("gpu", "http://x/api", True, "abc", None, "local", "MLFLOW_TRACKING_URI is unset"),
+        ("gpu", "http://x/api", True, "abc", "sqlite:////w/mlflow.db", "local", "'sqlite:////w/mlflow.db'"),
+        ("gpu", "http://x/api", True, "abc", "file:///w/mlruns", "local", "shared MLflow server"),
+        ("gpu", "http://x/api", True, "abc", "http://m", "deployment", GPU_DEPLOYMENT),
+        ("gpu", "http://x/api", True, "abc", "databricks", "deployment", GPU_DEPLOYMENT),
     ],
 )
 def test_choose_route(
-    runner: str, api_url: str | None, exists: bool, rev: str | None, where: str, reason_has: str
+    runner: str,
+    api_url: str | None,
+    exists: bool,
+    rev: str | None,
+    uri: str | None,
+    where: str,
+    reason_has: str,
 ) -> None:
-    route = choose_route(runner, api_url, exists, rev)
+    route = choose_route(runner, api_url, exists, rev, uri)
     assert route.where == where
     assert reason_has in route.reason
     assert route.deployment == (GPU_DEPLOYMENT if where == "deployment" else None)
+
+
+@pytest.mark.parametrize(
+    ("uri", "shared"),
+    [
+        (None, False),
+        ("", False),
+        ("sqlite:///mlflow.db", False),
+        ("SQLITE:////abs/mlflow.db", False),
+        ("file:///srv/mlruns", False),
+        ("/srv/mlruns", False),
+        ("mlruns", False),
+        ("C:\\runs", False),
+        ("http://10.0.0.5:5000", True),
+        ("https://mlflow.example.org", True),
+        ("databricks", True),
+        ("databricks://profile", True),
+        ("postgresql://mlflow@db/mlflow", True),  # a database other machines can reach
+    ],
+)
+def test_tracking_store_is_shared(uri: str | None, shared: bool) -> None:
+    assert tracking_store_is_shared(uri) is shared
 
 
 def test_stage_tasks_never_use_prefect_caching() -> None:
@@ -243,6 +290,122 @@ def test_run_logged_streams_lines_and_failure_names_stderr_tail(tmp_path: Path) 
     with pytest.raises(StageFailedError, match=r"stage 's' failed: .* exited 3(.|\n)*err 59") as err:
         require_ok(result, "stage 's'")
     assert "err 19" not in str(err.value)  # only the tail, not the whole stream
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process; a zombie (dead, not yet reaped by its new parent, e.g.
+    a PID 1 that never reaps) does not count."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            text = stat.read_text()
+        except OSError:
+            return False
+        return text[text.rindex(")") + 2 :].split()[0] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_interrupted_run_logged_stops_the_commands_children_too(tmp_path: Path) -> None:
+    """Ctrl-C during `dvc repro`: the stage dvc started must die with it, not write its outputs
+    later. Here a toy parent (dvc) starts a grandchild (the stage) that ignores SIGTERM, sleeps,
+    then writes a file; SIGINT reaches this process while run_logged waits."""
+    late = tmp_path / "written-after-interrupt"
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = (
+        "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(2); open(sys.argv[2], 'w').write('late')"
+    )
+    parent = (
+        "import subprocess, sys; "
+        f"subprocess.run([sys.executable, '-c', {grandchild!r}, sys.argv[1], sys.argv[2]])"
+    )
+
+    def interrupt_once_started() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if pid_file.exists() and pid_file.read_text():
+                # A real SIGINT, as Ctrl-C delivers it: it also wakes the main thread from
+                # waitpid() (which _thread.interrupt_main() would not).
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.02)
+        # Never started: no signal, so pytest.raises below fails instead of pytest itself.
+
+    timer = threading.Thread(target=interrupt_once_started, daemon=True)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_logged(
+            [sys.executable, "-c", parent, str(pid_file), str(late)],
+            tmp_path,
+            _env(),
+            logging.getLogger("test_flow.interrupt"),
+            grace_s=0.5,
+        )
+    timer.join()
+    pid = int(pid_file.read_text())
+    assert not _running(pid), "the grandchild outlived the interrupt"
+    # Past the moment it would have written (2 s after it started): nothing was written.
+    time.sleep(max(0.0, started + 3.0 - time.monotonic()))
+    assert not late.exists()
+
+
+def test_stage_env_starts_a_child_run_not_an_inherited_one() -> None:
+    outer = {
+        "PATH": "/usr/bin",
+        "MLFLOW_RUN_ID": "outer-run",
+        "MLFLOW_EXPERIMENT_ID": "7",
+        "MLFLOW_EXPERIMENT_NAME": "elsewhere",
+        "LMFORGE_PARENT_RUN_ID": "stale-parent",
+        "MLFLOW_TRACKING_URI": "http://mlflow.test:5000",  # where to log: kept
+    }
+    env = stage_env("prefect:local", "parent-123", outer)
+    assert not {"MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"} & env.keys()
+    assert env["LMFORGE_PARENT_RUN_ID"] == "parent-123"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.test:5000"
+    assert env["LMFORGE_RUNNER"] == "prefect:local"
+    assert env["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), "/usr/bin"]
+    assert "LMFORGE_PARENT_RUN_ID" not in stage_env("prefect:local", None, outer)
+    assert outer["MLFLOW_RUN_ID"] == "outer-run"  # the caller's mapping is left alone
+
+
+def test_uncommitted_lists_renames_and_odd_names_by_path(tmp_path: Path) -> None:
+    repo = tmp_path / "git"
+    repo.mkdir()
+    _sh(["git", "init", "-q"], repo)
+    names = ["old name.txt", "plain.txt", "é.txt", "dvc.lock", "untouched.txt"]
+    for name in names:
+        (repo / name).write_text("v1\n")
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "-c", "user.email=t@t.invalid", "-c", "user.name=t", "commit", "-q", "-m", "one"], repo)
+    _sh(["git", "mv", "old name.txt", "new -> name.txt"], repo)  # `R  old -> new` in plain porcelain
+    for name in ("plain.txt", "é.txt", "dvc.lock"):
+        (repo / name).write_text("v2\n")
+    (repo / "untracked.txt").write_text("new\n")
+    assert sorted(flow_mod._uncommitted(repo)) == sorted(
+        ["new -> name.txt", "old name.txt", "plain.txt", "é.txt"]
+    )
+
+
+def test_unfinished_deployment_run_messages() -> None:
+    not_picked = flow_mod._unfinished_message("train", GPU_DEPLOYMENT, "calm-cat", "id-1", Scheduled(), 60.0)
+    assert f"no worker of deployment '{GPU_DEPLOYMENT}' picked up flow run 'calm-cat' (id-1)" in not_picked
+    assert "within 60 s (gpu_timeout_s)" in not_picked and "prefect worker start --pool gpu" in not_picked
+    slow = flow_mod._unfinished_message("train", GPU_DEPLOYMENT, "calm-cat", "id-1", Running(), 60.0)
+    assert f"flow run 'calm-cat' (id-1) on deployment '{GPU_DEPLOYMENT}' did not finish within 60 s" in slow
+    assert "(it is Running)" in slow
+
+
+def test_gpu_timeout_option() -> None:
+    assert flow_mod._timeout_arg("90") == 90.0
+    assert flow_mod._timeout_arg("None") is None
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(Exception, match=repr(bad)):
+            flow_mod._timeout_arg(bad)
 
 
 # --- the flow on a toy repo ------------------------------------------------------------
@@ -327,14 +490,18 @@ def test_gpu_stage_sent_to_deployment_comes_back_through_run_cache(
     _sh(["git", "clone", "-q", str(repo), str(worker)], tmp_path)
     sent: list[dict[str, object]] = []
 
-    def fake_run_deployment(name: str, parameters: dict[str, object], **_: object) -> SimpleNamespace:
+    def fake_run_deployment(
+        name: str, parameters: dict[str, object], timeout: float | None = None, **_: object
+    ) -> SimpleNamespace:
         assert name == GPU_DEPLOYMENT
+        assert timeout == flow_mod.DEFAULT_GPU_TIMEOUT_S
         sent.append(parameters)
         state = run_stage(**parameters, workdir=str(worker), return_state=True)
         return SimpleNamespace(state=state, name="fake-gpu-run", id="fake-id")
 
     monkeypatch.setattr(flow_mod, "run_deployment", fake_run_deployment)
     monkeypatch.setattr(flow_mod, "gpu_deployment_exists", lambda name=GPU_DEPLOYMENT: True)
+    monkeypatch.setattr(flow_mod, "configured_tracking_uri", lambda: SHARED_TRACKING_URI)
 
     state = pipeline(root=str(repo), return_state=True)
     assert state.is_completed(), state.message
@@ -367,6 +534,7 @@ def test_failed_deployment_run_fails_the_stage(
         ),
     )
     monkeypatch.setattr(flow_mod, "gpu_deployment_exists", lambda name=GPU_DEPLOYMENT: True)
+    monkeypatch.setattr(flow_mod, "configured_tracking_uri", lambda: SHARED_TRACKING_URI)
     state = pipeline(root=str(repo), return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
@@ -374,3 +542,61 @@ def test_failed_deployment_run_fails_the_stage(
     assert "'oom-run'" in message and "CUDA out of memory" in message
     assert "not run because an upstream stage failed: report" in message
     assert calls(repo) == ["prep prefect:local"]
+
+
+def test_gpu_stage_not_picked_up_in_time_fails_and_is_cancelled(
+    tmp_path: Path, prefect_server: None, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_deployment gives up after gpu_timeout_s and returns the run still Scheduled (no gpu
+    worker online): the stage fails naming the deployment and run, and the run is cancelled so
+    that no worker starts it later. The run here is a real one on the test server."""
+    from prefect import flow
+
+    @flow(name="lmforge-stage-stand-in")
+    def stand_in() -> None:  # never run: only its flow run record is needed
+        return None
+
+    with get_client(sync_client=True) as client:
+        queued = client.create_flow_run(stand_in, state=Scheduled())
+    repo = make_repo(tmp_path / "orchestrator", remote=tmp_path / "dvc-remote")
+    waited: list[float | None] = []
+
+    def no_worker(
+        name: str, parameters: dict[str, object], timeout: float | None = None, **_: object
+    ) -> object:
+        waited.append(timeout)
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(queued.id)
+
+    monkeypatch.setattr(flow_mod, "run_deployment", no_worker)
+    monkeypatch.setattr(flow_mod, "gpu_deployment_exists", lambda name=GPU_DEPLOYMENT: True)
+    monkeypatch.setattr(flow_mod, "configured_tracking_uri", lambda: SHARED_TRACKING_URI)
+
+    state = pipeline(root=str(repo), gpu_timeout_s=42, return_state=True)
+    assert state.is_failed()
+    assert waited == [42]
+    message = str(state.result(raise_on_failure=False))
+    assert (
+        f"gpu stage 'train': no worker of deployment '{GPU_DEPLOYMENT}' picked up "
+        f"flow run '{queued.name}' ({queued.id}) within 42 s (gpu_timeout_s)"
+    ) in message
+    assert "it was cancelled" in message
+    assert "not run because an upstream stage failed: report" in message
+    with get_client(sync_client=True) as client:
+        after = client.read_flow_run(queued.id).state
+    assert after is not None and after.type == StateType.CANCELLED
+    assert calls(repo) == ["prep prefect:local"]
+
+
+def test_force_reruns_only_the_named_stages_not_their_upstream(
+    tmp_path: Path, prefect_server: None, mlflow_store: str
+) -> None:
+    repo = make_repo(tmp_path / "force")
+    _dvc("repro", cwd=repo)  # everything up to date (runner 'test' in calls.log)
+    assert calls(repo) == [f"{s} test" for s in STAGES]
+
+    summary = pipeline(stages=["train"], force=True, root=str(repo))
+    # train's upstream is planned and checked, but not forced: DVC finds it up to date.
+    assert {s: i["outcome"] for s, i in summary.items()} == {"prep": "up-to-date", "train": "ran"}
+    assert calls(repo)[3:] == ["train prefect:local"]
+    assert json.loads(_dvc("status", "--json", cwd=repo)) == {}

@@ -36,9 +36,9 @@ def _source(path: str) -> dict:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = copy_repo(tmp_path_factory.mktemp("wrapper") / "repo", profile=None)
-    good = r / "good.jsonl.gz"
+    good = r / "data/sources/good.jsonl.gz"
     good.write_bytes((ROOT / "tests/fixtures/sources/shakespeare.jsonl.gz").read_bytes())
-    _set_sources(r, [_source("good.jsonl.gz")])
+    _set_sources(r, [_source("data/sources/good.jsonl.gz")])
     run(r, "python", "-m", "stages.mix")
     return r
 
@@ -69,12 +69,13 @@ BAD = {
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_source_fails_cleanly(repo: Path, kind: str) -> None:
     content, line, needle = BAD[kind]
-    bad = repo / f"bad_{kind}.jsonl.gz"
+    bad = repo / f"data/sources/bad_{kind}.jsonl.gz"
     bad.write_bytes(gzip.compress(content, mtime=0))
     before = _snapshot(repo)
     params_before = (repo / "params.yaml").read_text()
     try:
-        _set_sources(repo, [_source("good.jsonl.gz") | {"share": 0.5}, _source(bad.name) | {"name": "b", "share": 0.5}])
+        _set_sources(repo, [_source("data/sources/good.jsonl.gz") | {"share": 0.5},
+                            _source(f"data/sources/{bad.name}") | {"name": "b", "share": 0.5}])
         proc = run(repo, "python", "-m", "stages.mix", check=False)
     finally:
         (repo / "params.yaml").write_text(params_before)
@@ -98,6 +99,20 @@ def test_unknown_params_key_fails_before_any_work(repo: Path) -> None:
     assert proc.returncode == 2
     assert "mix.filters.min_chars_typo: unknown key" in proc.stderr
     assert "min_chars" in proc.stderr  # the allowed keys are listed
+    assert _snapshot(repo) == before
+
+
+def test_a_source_outside_the_declared_deps_is_refused(repo: Path) -> None:
+    before = _snapshot(repo)
+    params_before = (repo / "params.yaml").read_text()
+    (repo / "stray.jsonl").write_text('{"text": "a perfectly fine document"}\n')
+    try:
+        _set_sources(repo, [_source("stray.jsonl")])
+        proc = run(repo, "python", "-m", "stages.mix", check=False)
+    finally:
+        (repo / "params.yaml").write_text(params_before)
+    assert proc.returncode == 2
+    assert "reads stray.jsonl, which is not under any dependency of stage 'mix'" in proc.stderr
     assert _snapshot(repo) == before
 
 

@@ -153,6 +153,17 @@ class AuditLog:
             pend = (pending["seq"], pending["hash"])
         return Head(count, h, pend, str(raw.get("updated", "")))
 
+    def chain_id(self) -> str | None:
+        """The genesis record's chain id (what external anchors are filed under); None if no log."""
+        if not self.path.exists():
+            return None
+        with open(self.path, "rb") as fh:
+            first = fh.readline()
+        try:
+            return _parse_line(first).get("chain_id") if first else None
+        except _Bad as e:
+            raise AuditError(f"{self.path}: genesis record unreadable: {e}") from None
+
     def records(self) -> Iterator[dict[str, Any]]:
         """Yield every record in order; a line that does not parse raises AuditError naming it."""
         if not self.path.exists():

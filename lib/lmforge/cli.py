@@ -18,9 +18,12 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     if args.mlflow:
         from . import tracking
 
-        anchor = tracking.latest_audit_anchor(".", args.mlflow_experiment)
+        chain = audit.AuditLog(args.log, args.head).chain_id()
+        anchor = tracking.latest_audit_anchor(".", chain, args.mlflow_experiment) if chain else None
         if anchor is None:
-            print("lmforge: error: no audit anchor in the MLflow store (no stage has run here)", file=sys.stderr)
+            print(f"lmforge: error: no MLflow anchor for the audit chain in {args.log} (chain {chain}) in "
+                  f"experiment '{args.mlflow_experiment}' of the store (MLFLOW_TRACKING_URI or ./mlflow.db)",
+                  file=sys.stderr)
             return 1
         args.expect_count, args.expect_hash = anchor
     return audit.cli_verify(args)

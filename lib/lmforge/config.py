@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .digest import sha256_json
@@ -89,6 +88,11 @@ def build(cls: type[C], data: Any, where: str) -> C:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping, read as YAML 1.2 like DVC reads params.yaml (ruamel), so `3e-4` is a float
+    and `on` a string here too, not YAML 1.1's string and boolean."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -97,11 +101,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        data = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import platform
 import socket
@@ -11,26 +12,49 @@ from pathlib import Path
 from typing import Any
 
 
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.strip() if strip else out.stdout
+
+
+# Files a pipeline run rewrites itself: a change to them says nothing about the code.
+_RUN_WRITTEN = ("dvc.lock", ".gitignore")
 
 
 def code_version(root: str | Path) -> dict[str, Any]:
-    """Git commit and dirty flag of the checkout at `root` (commit None outside git).
+    """Git commit, dirty flag and, when dirty, a digest of the uncommitted changes.
 
-    Untracked files count as dirty only when git does not ignore them, so stage outputs
-    (which DVC lists in .gitignore) do not make every run look dirty.
+    dvc.lock and the .gitignore files DVC maintains are left out (the run itself rewrites
+    them), as are files git ignores (stage outputs). Outside git the commit is None.
     """
     root = Path(root)
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = _git(root, "status", "--porcelain", "--untracked-files=normal")
-    return {"commit": commit, "dirty": bool(status)}
+    # not stripped: porcelain's leading space is part of the two-letter status
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", strip=False) or ""
+    entries = iter(status.split("\0"))
+    changed = []
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        if entry[0] in "RC":  # a rename or copy is followed by its source path: skip that entry
+            next(entries, None)
+        if Path(entry[3:]).name not in _RUN_WRITTEN:
+            changed.append(entry[3:])
+    changed.sort()
+    if not changed:
+        return {"commit": commit, "dirty": False}
+    # What is uncommitted, as content: the same edits give the same digest on any machine.
+    h = hashlib.sha256()
+    for rel in changed:
+        path = root / rel
+        h.update(rel.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"<deleted>")
+    return {"commit": commit, "dirty": True, "changes_sha256": h.hexdigest(), "changed_files": len(changed)}
 
 
 def _version(dist: str) -> str | None:
@@ -59,5 +83,7 @@ def environment() -> dict[str, Any]:
         "host": socket.gethostname(),
         "torch": _version("torch"),
         "lmforge": _version("lmforge"),
+        # what the bytes of data artifacts also depend on
+        "packages": {d: _version(d) for d in ("numpy", "pyarrow", "tokenizers", "tiktoken", "rensa", "dvc", "mlflow")},
         "device": device(),
     }

@@ -3,7 +3,9 @@
 The store is `sqlite:///<root>/mlflow.db` unless MLFLOW_TRACKING_URI says otherwise.
 A driver that owns the pipeline run (the Prefect flow) creates the parent and passes its
 id to stage processes in LMFORGE_PARENT_RUN_ID. Under a plain `dvc repro` each stage finds
-the parent by a pipeline key (git commit, dirty flag, params digest), creating it once.
+the parent by a pipeline key (git commit + params digest): it joins the newest dvc-driven
+parent with that key unless that parent already has a run of this very stage, in which case
+this is a new pipeline run and gets a new parent.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ def configure(root: str | Path, experiment: str = EXPERIMENT) -> str:
     import mlflow
 
     root = Path(root).resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    given = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
+    mlflow.set_tracking_uri(given or f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
     # Artifacts next to the DB by default (the sqlite store has no artifact root of its own).
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlruns").as_uri()
+    location = None if given else (root / "mlruns").as_uri()
     return client.create_experiment(experiment, artifact_location=location)
 
 
@@ -45,18 +47,29 @@ def create_parent(experiment_id: str, key: str, driver: str, tags: Mapping[str, 
     return run.info.run_id
 
 
-def find_or_create_parent(experiment_id: str, key: str, tags: Mapping[str, str] | None = None) -> str:
+def find_or_create_parent(experiment_id: str, key: str, stage: str, tags: Mapping[str, str] | None = None) -> str:
+    """The parent run a `dvc repro`-driven stage belongs to (see the module docstring)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`lmforge.pipeline_key` = '{key}' and tags.`lmforge.role` = 'pipeline'",
+        filter_string=(
+            f"tags.`lmforge.pipeline_key` = '{key}' and tags.`lmforge.role` = 'pipeline' "
+            "and tags.`lmforge.driver` = 'dvc'"
+        ),
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
     if found:
-        return found[0].info.run_id
+        parent = found[0].info.run_id
+        done = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`lmforge.stage` = '{stage}'",
+            max_results=1,
+        )
+        if not done:
+            return parent
     return create_parent(experiment_id, key, driver="dvc", tags=tags)
 
 
@@ -178,19 +191,28 @@ def log_artifact(run_id: str, path: str | Path) -> None:
     mlflow.MlflowClient().log_artifact(run_id, str(path))
 
 
-def latest_audit_anchor(root: str | Path, experiment: str = EXPERIMENT) -> tuple[int, str] | None:
-    """The longest audit head (count, hash) anchored on any run of the experiment, or None.
+def latest_audit_anchor(root: str | Path, chain_id: str, experiment: str = EXPERIMENT) -> tuple[int, str] | None:
+    """The longest head (count, hash) of audit chain `chain_id` anchored on the experiment's runs.
 
-    Stages tag their run and the pipeline parent with the audit head after each append; the
-    largest count is the newest head this store has seen, a second copy of head.json that
-    a rewrite of the log directory does not reach.
+    Stages tag their run and the pipeline parent with the chain id and head after each append;
+    the largest count is the newest head this store has seen of that chain: a second copy of
+    head.json that a rewrite of the log directory does not reach. Reads only: no store or
+    experiment is created. None if there is none.
     """
     import mlflow
 
-    configure(root, experiment)
-    client = mlflow.MlflowClient()
+    root = Path(root).resolve()
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if not (root / "mlflow.db").exists():
+            return None
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`audit.count` != ''", max_results=50_000)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`audit.chain_id` = '{chain_id}'",
+                              max_results=50_000)
     anchors = [(int(r.data.tags["audit.count"]), r.data.tags["audit.head_hash"]) for r in runs
-               if "audit.head_hash" in r.data.tags]
+               if "audit.head_hash" in r.data.tags and "audit.count" in r.data.tags]
     return max(anchors) if anchors else None

@@ -40,6 +40,11 @@ class MixConfig(StageConfig):
     val_max_docs_per_source: int = 200
     rows_per_shard: int = 20_000
 
+    def input_paths(self) -> list[str]:
+        """Local files this config makes the stage read (the caller checks they are declared deps)."""
+        paths = [s.path for s in self.sources if s.path is not None]
+        return paths + ([self.mixing.reference_tokenizer] if self.mixing.reference_tokenizer else [])
+
     @field_validator("val_max_docs_per_source", "rows_per_shard")
     @classmethod
     def _positive(cls, v: int) -> int:
