@@ -2,11 +2,12 @@
 
 Run it locally with `make flow` (or `.venv/bin/python -m pipelines.flow [STAGE ...] [--force]`
 from the repo root): Prefect starts a temporary server of its own, and every stage runs here.
-With a Prefect server configured (PREFECT_API_URL) and the deployments of prefect.yaml
-created (`prefect --no-prompt deploy --all`), stages whose `meta.runner` is `gpu` are sent to
-the `lmforge-stage/gpu` deployment, i.e. to a worker of the `gpu` work pool, which needs its
-own clone and a DVC remote shared with this workspace (see pipelines/stage_runner.py); the
-outputs come back through DVC's run-cache, not by running the stage again here.
+With a Prefect server configured (PREFECT_API_URL), the deployments of prefect.yaml created
+(`prefect --no-prompt deploy --all`) and MLFLOW_TRACKING_URI naming an MLflow server that
+workers reach too, stages whose `meta.runner` is `gpu` are sent to the `lmforge-stage/gpu`
+deployment, i.e. to a worker of the `gpu` work pool, which needs its own clone and a DVC
+remote shared with this workspace (see pipelines/stage_runner.py); the outputs come back
+through DVC's run-cache, not by running the stage again here.
 
 Each task runs `dvc repro --single-item <stage>`, so DVC alone decides whether a stage is up
 to date and `dvc.lock` comes out the same as under `make run` (`dvc repro`). Prefect's own
@@ -17,11 +18,13 @@ tasks run one after another, upstream first; a stage whose upstream failed is no
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -29,7 +32,7 @@ from prefect.deployments import run_deployment
 from prefect.states import State
 
 from lmforge import tracking
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.runtime import code_version
 from pipelines.graph import PlannedStage, plan
 from pipelines.proc import (
@@ -40,12 +43,17 @@ from pipelines.proc import (
     require_ok,
     run_logged,
     stage_env,
+    tracking_store_is_shared,
 )
 from stages.dag import pipeline_config, pipeline_key
 
 FLOW_NAME = "lmforge-pipeline"
 GPU_DEPLOYMENT = "lmforge-stage/gpu"  # declared in prefect.yaml, served by the `gpu` work pool
 LOCAL_RUNNER = "prefect:local"
+# How long a gpu stage may take on the gpu pool, queueing included, before the flow gives up
+# on it (`pipeline(gpu_timeout_s=...)`): long enough for a pretraining stage, short enough
+# that a pipeline with no gpu worker online fails the same day instead of waiting for ever.
+DEFAULT_GPU_TIMEOUT_S = 6 * 3600.0
 
 
 class PipelineFailedError(LmforgeError):
@@ -61,12 +69,21 @@ class Route:
     deployment: str | None = None
 
 
-def choose_route(runner: str, api_url: str | None, gpu_deployment_exists: bool, rev: str | None) -> Route:
+def choose_route(
+    runner: str,
+    api_url: str | None,
+    gpu_deployment_exists: bool,
+    rev: str | None,
+    tracking_uri: str | None,
+) -> Route:
     """The routing rule, kept free of I/O so it can be tested on its own.
 
     A `gpu` stage goes to the GPU deployment only when all of these hold: a Prefect server is
-    configured (a temporary local server has no workers), the deployment exists on it, and
-    the workspace has a git commit the worker can check out. Otherwise it runs here.
+    configured (a temporary local server has no workers), the deployment exists on it, the
+    workspace has a git commit the worker can check out, and MLflow tracks to a store the
+    worker can reach (`tracking_uri`, i.e. MLFLOW_TRACKING_URI; the stage's run on the worker
+    is a child of this pipeline's parent run, which a local SQLite/file store keeps out of
+    its reach). Otherwise it runs here.
     """
     if runner != "gpu":
         return Route("local", f"{runner} stage")
@@ -83,6 +100,14 @@ def choose_route(runner: str, api_url: str | None, gpu_deployment_exists: bool, 
         )
     if not rev:
         return Route("local", "the workspace has no git commit for a gpu worker to check out; commit first")
+    if not tracking_store_is_shared(tracking_uri):
+        store = f"MLFLOW_TRACKING_URI={tracking_uri!r}" if tracking_uri else "MLFLOW_TRACKING_URI is unset"
+        return Route(
+            "local",
+            f"{store}: a local MLflow store that a gpu worker cannot reach, and its stage run must "
+            "join this pipeline's parent run; point MLFLOW_TRACKING_URI at a shared MLflow server "
+            "(e.g. http://mlflow-host:5000), here and on the gpu workers",
+        )
     return Route("deployment", f"sent to deployment '{GPU_DEPLOYMENT}' (work pool 'gpu')", GPU_DEPLOYMENT)
 
 
@@ -92,6 +117,12 @@ def configured_api_url() -> str | None:
 
     url = get_current_settings().api.url
     return str(url) if url else None
+
+
+def configured_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI, which stage processes here and on workers inherit; None when unset
+    (lmforge.tracking.configure then uses the workspace's own SQLite store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def gpu_deployment_exists(name: str = GPU_DEPLOYMENT) -> bool:
@@ -124,20 +155,88 @@ def _repro_locally(
 
 def _uncommitted(root: Path) -> list[str]:
     """Tracked files changed since HEAD, except those a run itself rewrites (dvc.lock, which
-    the worker is sent separately, and the .gitignore files DVC maintains)."""
+    the worker is sent separately, and the .gitignore files DVC maintains). A rename or copy
+    lists both paths: the worker's commit has the old one and lacks the new one."""
+    # -z: paths are NUL-terminated and never quoted (no `"a b"` or `\303\251` escapes), and a
+    # rename is `R  new NUL old NUL` instead of the ambiguous `R  old -> new`.
     done = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "-z", "--untracked-files=no"],
         cwd=root,
         capture_output=True,
         text=True,
         check=False,
     )
-    paths = [line[3:] for line in done.stdout.splitlines() if len(line) > 3]
+    fields = done.stdout.split("\0")
+    paths: list[str] = []
+    i = 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) < 4:  # the empty string after the last NUL
+            continue
+        status, path = entry[:2], entry[3:]
+        paths.append(path)
+        if "R" in status or "C" in status:  # the source path follows as a field of its own
+            if i < len(fields) and fields[i]:
+                paths.append(fields[i])
+            i += 1
     return [p for p in paths if Path(p).name not in ("dvc.lock", ".gitignore")]
 
 
+def _unfinished_message(
+    stage: str, deployment: str, run_name: str, run_id: str, state: State | None, timeout_s: float | None
+) -> str:
+    """Why a deployment run that run_deployment gave back unfinished fails its stage."""
+    limit = f"{timeout_s:g} s (gpu_timeout_s)" if timeout_s is not None else "the time allowed"
+    at = f"flow run '{run_name}' ({run_id})"
+    if state is not None and state.name == "AwaitingConcurrencySlot":
+        # prefect.yaml's concurrency_limit: another run of the deployment held the one slot.
+        return (
+            f"gpu stage '{stage}': {at} was still waiting after {limit} for the one slot of "
+            f"deployment '{deployment}' (concurrency_limit: 1), which another run of it holds; "
+            "let that finish (or cancel it) and run again, or raise gpu_timeout_s"
+        )
+    if state is None or state.is_scheduled() or state.is_pending():
+        # Scheduled, Late, Pending: no worker has started it.
+        return (
+            f"gpu stage '{stage}': no worker of deployment '{deployment}' picked up {at} within {limit} "
+            f"(it is {state.name if state else 'without a state'}); start one on a GPU machine "
+            "(`prefect worker start --pool gpu`, see prefect.yaml) or raise gpu_timeout_s"
+        )
+    return (
+        f"gpu stage '{stage}': {at} on deployment '{deployment}' did not finish within {limit} "
+        f"(it is {state.name}); raise gpu_timeout_s, or None to wait for ever"
+    )
+
+
+def _give_up_on(flow_run_id: UUID | str, state: State | None) -> str:
+    """Cancel a deployment run the flow no longer waits for, so it does not run on unobserved
+    (and push outputs for a pipeline run already marked failed). Says what was done."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling
+
+    # A run a worker has started is asked to stop (the worker kills it on Cancelling);
+    # one that never started is cancelled outright.
+    started = state is not None and not (state.is_scheduled() or state.is_pending())
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(
+                flow_run_id,
+                Cancelling() if started else Cancelled(message="lmforge-pipeline gave up waiting"),
+            )
+    except Exception as e:  # the stage fails either way; say how to clean up by hand
+        return f"cancelling it failed ({e}): run `prefect flow-run cancel {flow_run_id}`"
+    return "cancellation requested" if started else "it was cancelled"
+
+
 def _repro_on_deployment(
-    spec: PlannedStage, root: Path, force: bool, parent_run_id: str | None, rev: str, route: Route
+    spec: PlannedStage,
+    root: Path,
+    force: bool,
+    parent_run_id: str | None,
+    rev: str,
+    route: Route,
+    timeout_s: float | None,
 ) -> dict[str, Any]:
     """Run the stage on a gpu worker, then take its outputs back through DVC's run-cache."""
     log = get_run_logger()
@@ -178,13 +277,20 @@ def _repro_on_deployment(
             # the current one to pull the right inputs.
             "lock": lock.read_text(encoding="utf-8") if lock.exists() else None,
         },
+        # Queueing included: with no gpu worker online the run stays Scheduled for ever.
+        timeout=timeout_s,
     )
     state = child.state
-    if state is None or not state.is_completed():  # run_deployment does not raise on failure
+    if state is None or not state.is_final():  # run_deployment returns it when timeout_s runs out
+        message = _unfinished_message(
+            spec.name, route.deployment, child.name, str(child.id), state, timeout_s
+        )
+        raise StageFailedError(f"{message}; {_give_up_on(child.id, state)}")
+    if not state.is_completed():  # run_deployment does not raise on failure
         raise StageFailedError(
             f"gpu stage '{spec.name}' failed on deployment '{route.deployment}': flow run "
-            f"'{child.name}' ({child.id}) ended {state.name if state else 'without a state'}"
-            f"{': ' + state.message if state and state.message else ''}; its logs are in the Prefect UI"
+            f"'{child.name}' ({child.id}) ended {state.name}"
+            f"{': ' + state.message if state.message else ''}; its logs are in the Prefect UI"
         )
     result = require_ok(
         run_logged(dvc_argv("repro", "--pull", "--single-item", spec.name), root, env, log),
@@ -218,13 +324,16 @@ def stage_task(
     route: Route,
     parent_run_id: str | None,
     rev: str | None,
+    gpu_timeout_s: float | None = DEFAULT_GPU_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """One dvc.yaml stage. The task run carries the stage's name (`task_run_name`)."""
+    """One dvc.yaml stage. The task run carries the stage's name (`task_run_name`).
+
+    `force`: this very stage is re-run even if DVC finds it up to date."""
     log = get_run_logger()
     root_path = Path(root)
     if route.where == "deployment":
         assert rev is not None  # choose_route only sends committed workspaces
-        return _repro_on_deployment(spec, root_path, force, parent_run_id, rev, route)
+        return _repro_on_deployment(spec, root_path, force, parent_run_id, rev, route, gpu_timeout_s)
     if spec.runner == "gpu":
         log.warning("gpu stage '%s' runs locally: %s", stage, route.reason)
     return _repro_locally(stage, root_path, force, parent_run_id, route.reason)
@@ -252,21 +361,37 @@ def _failure_message(states: dict[str, State]) -> str | None:
 
 @flow(name=FLOW_NAME)
 def pipeline(
-    stages: list[str] | None = None, force: bool = False, root: str = ".", retries: int = 0
+    stages: list[str] | None = None,
+    force: bool = False,
+    root: str = ".",
+    retries: int = 0,
+    gpu_timeout_s: float | None = DEFAULT_GPU_TIMEOUT_S,
 ) -> dict[str, dict[str, Any]]:
     """Run dvc.yaml's stages (or `stages` and their upstream), upstream first.
 
-    `force` forces each selected stage (`dvc repro --force`); `retries` retries a failed stage
-    task that many times. Returns, per stage, where it ran and what DVC did
+    `force` re-runs the stages named in `stages` (all stages when `stages` is empty) even if
+    they are up to date (`dvc repro --single-item --force` on each); their upstream is not
+    forced: it runs only if DVC finds it changed (unlike `dvc repro --force STAGE`, which
+    forces the upstream too).
+    `retries` retries a failed stage task that many times. `gpu_timeout_s` is how long a stage
+    sent to the gpu deployment may take, waiting for a worker included, before it fails
+    (None: wait for ever). Returns, per stage, where it ran and what DVC did
     ('ran' / 'restored' / 'up-to-date').
     """
     import mlflow
     from prefect.runtime import flow_run
 
+    if gpu_timeout_s is not None and gpu_timeout_s <= 0:
+        # run_deployment reads 0 as "do not wait", which would fail every gpu stage at once.
+        raise ConfigError(
+            f"gpu_timeout_s={gpu_timeout_s}: give a number of seconds > 0, or None to wait for ever"
+        )
     log = get_run_logger()
     root_path = Path(root).resolve()
     order = plan(root_path, stages)
+    forced = {s.name for s in order} if not stages else set(stages)
     api_url = configured_api_url()
+    tracking_uri = configured_tracking_uri()
     has_gpu_deployment = bool(api_url) and any(s.runner == "gpu" for s in order) and gpu_deployment_exists()
     rev = code_version(root_path)["commit"]
     log.info("stages in order: %s", ", ".join(s.name for s in order))
@@ -279,7 +404,7 @@ def pipeline(
     try:
         states: dict[str, State] = {}
         for spec in order:
-            route = choose_route(spec.runner, api_url, has_gpu_deployment, rev)
+            route = choose_route(spec.runner, api_url, has_gpu_deployment, rev, tracking_uri)
             # The task takes the stage's name too, so the UI groups a stage's runs across flows.
             runs = stage_task.with_options(name=spec.name, retries=retries)
             # Called, not submitted: each stage finishes before the next starts (DVC's lock).
@@ -288,10 +413,11 @@ def pipeline(
                 spec.name,
                 spec,
                 str(root_path),
-                force,
+                force and spec.name in forced,
                 route,
                 parent,
                 rev,
+                gpu_timeout_s,
                 wait_for=[states[u] for u in spec.upstream],
                 return_state=True,
             )
@@ -309,15 +435,45 @@ def pipeline(
         mlflow.MlflowClient().set_terminated(parent, status)
 
 
+def _timeout_arg(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'none'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds > 0, or 'none' to wait for ever")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.flow", description=__doc__.split("\n\n")[0])
     parser.add_argument("stages", nargs="*", help="run only these stages and their upstream (default: all)")
-    parser.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run the named stages (all when none is named) even if up to date; "
+        "their upstream still runs only if changed",
+    )
     parser.add_argument("--retries", type=int, default=0, help="retries per failed stage (default 0)")
     parser.add_argument("--root", default=".", help="the DVC repo (default: the current directory)")
+    parser.add_argument(
+        "--gpu-timeout-s",
+        type=_timeout_arg,
+        default=DEFAULT_GPU_TIMEOUT_S,
+        help=f"seconds a stage sent to the gpu pool may take, queueing included, or 'none' to wait "
+        f"for ever (default {DEFAULT_GPU_TIMEOUT_S:g})",
+    )
     args = parser.parse_args(argv)
     try:
-        summary = pipeline(stages=args.stages or None, force=args.force, root=args.root, retries=args.retries)
+        summary = pipeline(
+            stages=args.stages or None,
+            force=args.force,
+            root=args.root,
+            retries=args.retries,
+            gpu_timeout_s=args.gpu_timeout_s,
+        )
     except LmforgeError as e:
         print(f"lmforge-pipeline failed: {e}", file=sys.stderr)
         return 1

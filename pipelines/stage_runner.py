@@ -3,9 +3,10 @@
 The pipeline flow (`pipelines/flow.py`) calls it through `run_deployment` for `gpu` stages;
 a person can too: `prefect deployment run lmforge-stage/gpu -p stage=pretrain --watch`.
 
-A worker has its OWN git clone of the project (prefect.yaml's pull step points the flow at
-it via LMFORGE_WORKDIR) with the same DVC remote configured as the orchestrating workspace,
-and an MLFLOW_TRACKING_URI that reaches the same tracking server. The flow:
+A worker has its OWN git clone of the project (prefect.yaml's pull steps move each flow run
+into the directory the worker's LMFORGE_WORKDIR names, read when the run starts) with the
+same DVC remote configured as the orchestrating workspace, and an MLFLOW_TRACKING_URI that
+reaches the same tracking server (the pipeline only routes here when its own does). The flow:
 
 1. checks out `rev` in that clone (`git fetch` + `git checkout --force --detach rev`; local
    changes in the worker clone are discarded: it belongs to the worker, nobody edits it);

@@ -1,6 +1,6 @@
 """The Prefect flow drives dvc.yaml like `dvc repro` does: same order, same dvc.lock, same skips.
 
-Run: `.venv/bin/python -m pytest -q tests/test_flow.py` (about 70 s on 2 cores: one Prefect
+Run: `.venv/bin/python -m pytest -q tests/test_flow.py` (about 80 s on 2 cores: one Prefect
 test server, ~10 s, plus DVC's ~1 s start-up per command). Everything happens in tmp dirs:
 toy git+DVC repos of three stages (the middle one `meta.runner: gpu`), a Prefect test server
 with its own database and PREFECT_HOME, one MLflow SQLite store. The gpu route is tested
@@ -398,6 +398,10 @@ def test_unfinished_deployment_run_messages() -> None:
     slow = flow_mod._unfinished_message("train", GPU_DEPLOYMENT, "calm-cat", "id-1", Running(), 60.0)
     assert f"flow run 'calm-cat' (id-1) on deployment '{GPU_DEPLOYMENT}' did not finish within 60 s" in slow
     assert "(it is Running)" in slow
+    queued = flow_mod._unfinished_message(
+        "train", GPU_DEPLOYMENT, "calm-cat", "id-1", Scheduled(name="AwaitingConcurrencySlot"), None
+    )
+    assert f"still waiting after the time allowed for the one slot of deployment '{GPU_DEPLOYMENT}'" in queued
 
 
 def test_gpu_timeout_option() -> None:
