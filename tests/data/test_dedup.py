@@ -373,3 +373,9 @@ def test_cli_bad_input_exits_non_zero_naming_file_and_line(tmp_path: Path) -> No
     r = _lmforge("--input", str(tmp_path / "missing.jsonl"), "--output", str(out), "--threshold", "2")
     assert r.returncode == 2 and "threshold is a Jaccard similarity" in r.stderr
     assert not out.exists()
+
+
+def test_wordless_texts_are_nobodys_near_duplicate() -> None:
+    out = deduplicate(["!!!", "???", "\U0001f600\U0001f600", "", "...", "!!!"], DedupConfig())
+    # only the exact copy of "!!!" goes; the rest share no word with anything
+    assert out.keep.tolist() == [True, True, True, True, True, False]

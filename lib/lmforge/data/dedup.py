@@ -27,6 +27,7 @@ pass on what is left and records, for every removed document, why and in favour 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from .. import atomic
 from ..config import Config, build
 from ..errors import InputError
 from . import jsonl, minhash
+
+_WORD = re.compile(r"[^\W_]")  # a letter or digit in any script
 
 KEPT, EXACT, NEAR = 0, 1, 2  # values of DedupOutcome.reason
 # (false positive, false negative) weights for choosing bands x rows; see the module docstring
@@ -168,6 +171,11 @@ def near_duplicates(texts: Sequence[str], cfg: DedupConfig) -> DedupResult:
             sig = minhash.signatures(flat, offsets, cfg.num_perm, cfg.seed, docs)
         est = minhash.signature_jaccard(sig, local.reshape(pairs.shape))
         confirmed = pairs[est >= cfg.threshold]
+    if len(confirmed):
+        # Texts without a single word all shingle to the same "empty" hash; sharing nothing, they
+        # are no one's near duplicate (identical ones are still caught by the exact pass).
+        wordless = np.array([_WORD.search(t) is None for t in texts], dtype=bool)
+        confirmed = confirmed[~(wordless[confirmed[:, 0]] | wordless[confirmed[:, 1]])]
     root = minhash.components(n, confirmed)
     keep = root == np.arange(n)
     in_cluster = np.zeros(n, dtype=bool)

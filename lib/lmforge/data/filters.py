@@ -8,13 +8,14 @@ document in `dropped.parquet`:
 - repetitive_ngrams: the most frequent word 3-gram covers more than max_top_ngram_frac of
   the words (catches "buy now buy now ..." spam);
 - non_text: the share of characters that are neither letters, digits, whitespace nor
-  ASCII punctuation exceeds max_non_text_frac (binary junk, box drawing, emoji walls), or the
+  punctuation (ASCII, or Unicode category P*) exceeds max_non_text_frac (binary junk, box drawing, emoji walls), or the
   document has no letter or digit at all.
 """
 
 from __future__ import annotations
 
 import string
+import unicodedata
 from collections import Counter
 
 from pydantic import model_validator
@@ -58,14 +59,19 @@ def top_ngram_frac(text: str, n: int = 3) -> float:
         return 0.0
     grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
     gram, count = grams.most_common(1)[0]
-    return count * sum(len(w) for w in gram) / sum(len(w) for w in words)
+    # overlapping repeats ("a a a a") could count a word twice: capped at all of the text
+    return min(1.0, count * sum(len(w) for w in gram) / sum(len(w) for w in words))
+
+
+def _is_text(c: str) -> bool:
+    # punctuation in any script (curly quotes, dashes, CJK full stops) is text too
+    return c.isalnum() or c.isspace() or c in _PUNCT or (c > "\x7f" and unicodedata.category(c)[0] == "P")
 
 
 def non_text_frac(text: str) -> float:
     if not text:
         return 0.0
-    bad = sum(1 for c in text if not (c.isalnum() or c.isspace() or c in _PUNCT))
-    return bad / len(text)
+    return sum(1 for c in text if not _is_text(c)) / len(text)
 
 
 def reason_to_drop(text: str, cfg: FilterConfig) -> str | None:
