@@ -335,17 +335,24 @@ def test_interrupted_run_logged_stops_the_commands_children_too(tmp_path: Path) 
             time.sleep(0.02)
         # Never started: no signal, so pytest.raises below fails instead of pytest itself.
 
+    # A shell that starts jobs in the background (`cmd &`) hands them SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: install it here so the test does not depend on
+    # how the suite was launched.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=interrupt_once_started, daemon=True)
     timer.start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_logged(
-            [sys.executable, "-c", parent, str(pid_file), str(late)],
-            tmp_path,
-            _env(),
-            logging.getLogger("test_flow.interrupt"),
-            grace_s=0.5,
-        )
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_logged(
+                [sys.executable, "-c", parent, str(pid_file), str(late)],
+                tmp_path,
+                _env(),
+                logging.getLogger("test_flow.interrupt"),
+                grace_s=0.5,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     timer.join()
     pid = int(pid_file.read_text())
     assert not _running(pid), "the grandchild outlived the interrupt"
