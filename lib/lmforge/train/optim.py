@@ -1,0 +1,83 @@
+"""Optimizers and the learning-rate schedule.
+
+`build(model, cfg)` returns a list of optimizers over disjoint parameter sets:
+- Muon (torch.optim.Muon) for every 2-D weight matrix inside the blocks (attention and MLP
+  projections), with decoupled weight decay `cfg.weight_decay`;
+- AdamW for the input embedding, the output head and the norm weights, each its own group
+  with its own lr, scaled by (d_model / lr_scale_dim) ** -0.5 as in nanochat.
+With `matrix: adamw` the matrices go to AdamW too (one optimizer).
+
+Each param group keeps its peak lr in `group["peak_lr"]`; `set_lr(opts, mult)` applies the
+schedule multiplier. `wsd(step, total, cfg)` is the warmup-stable-decay multiplier. A
+group may also carry `lr_mult` (default 1), a hook for training plug-ins that scale groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Split trainable parameters by role: matrix (block 2-D weights), embedding, head, scalar."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embedding": [], "head": [], "scalar": []}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))  # a tied head is the embedding: trained once, as the embedding
+        if "embed_tokens" in name:
+            groups["embedding"].append((name, p))
+        elif name.startswith("lm_head"):
+            groups["head"].append((name, p))
+        elif p.ndim == 2:
+            groups["matrix"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    return groups
+
+
+def build(model: nn.Module, cfg: OptimConfig, d_model: int, *, fused: bool = False) -> list[torch.optim.Optimizer]:
+    groups = param_groups(model)
+    scale = (d_model / cfg.lr_scale_dim) ** -0.5
+    adam_groups = [
+        {"params": [p for _, p in groups[role]], "lr": lr * scale, "weight_decay": 0.0, "role": role}
+        for role, lr in (("embedding", cfg.embedding_lr), ("head", cfg.head_lr), ("scalar", cfg.scalar_lr))
+        if groups[role]
+    ]
+    matrices = [p for _, p in groups["matrix"]]
+    opts: list[torch.optim.Optimizer] = []
+    if cfg.matrix == "adamw" and matrices:
+        adam_groups.append({"params": matrices, "lr": cfg.matrix_lr, "weight_decay": cfg.weight_decay, "role": "matrix"})
+    extra = {"fused": True} if fused else {"foreach": False}  # foreach=False: same kernels every run
+    if adam_groups:
+        opts.append(torch.optim.AdamW(adam_groups, betas=cfg.betas, eps=cfg.eps, **extra))
+    if cfg.matrix == "muon" and matrices:
+        opts.append(torch.optim.Muon([{"params": matrices, "role": "matrix"}], lr=cfg.matrix_lr,
+                                     weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                                     adjust_lr_fn="original"))
+    for opt in opts:
+        for g in opt.param_groups:
+            g["peak_lr"] = g["lr"]
+            g.setdefault("lr_mult", 1.0)
+    return opts
+
+
+def wsd(step: int, total: int, cfg: ScheduleConfig) -> float:
+    """Warmup-stable-decay lr multiplier for optimizer step `step` (0-based) of `total`."""
+    warmup = round(cfg.warmup_frac * total)
+    decay = round(cfg.decay_frac * total)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay and step >= total - decay:
+        progress = (step - (total - decay) + 1) / decay
+        return 1.0 - progress * (1.0 - cfg.final_lr_frac)
+    return 1.0
+
+
+def set_lr(opts: list[torch.optim.Optimizer], mult: float) -> None:
+    for opt in opts:
+        for g in opt.param_groups:
+            g["lr"] = g["peak_lr"] * g.get("lr_mult", 1.0) * mult
