@@ -48,6 +48,12 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     return dedup.cli_dedup(args)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from . import engine
+
+    return engine.cli_generate(args)
+
+
 def _cmd_profile_apply(args: argparse.Namespace) -> int:
     from . import profiles
 
@@ -94,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ngram", type=int, default=3, help="word shingle size (default: %(default)s)")
     d.add_argument("--seed", type=int, default=42, help="hash seed (default: %(default)s)")
     d.set_defaults(func=_cmd_dedup)
+
+    g = sub.add_parser("generate", help="sample a continuation of a prompt from a model directory")
+    g.add_argument("--model", required=True, help="model directory (e.g. data/pretrain/model)")
+    g.add_argument("--prompt", required=True, help="text to continue (encoded after <|bos|>)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per sample (default: %(default)s)")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample among the tokens holding this much mass")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
+    g.add_argument("--num-samples", type=int, default=1, help="continuations to print (default: %(default)s)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.set_defaults(func=_cmd_generate)
 
     pr = sub.add_parser("profile", help="apply a profile (profiles/<name>.yaml) onto params.yaml")
     psub = pr.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
