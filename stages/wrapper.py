@@ -14,6 +14,11 @@ It does DESIGN.md's seven steps in order, the same for every stage:
 
 Run a stage directly with `python -m stages.<name>` from the repo root (that is what
 dvc.yaml's `cmd` does).
+
+Data parallel: a stage whose config has `train.nproc_per_node` > 1 replaces itself with
+`torchrun --standalone --nproc_per_node=N -m stages.<name>`. Under torchrun (one node, or
+several nodes launched by the user), rank 0 does all seven steps; every other rank only runs
+the library alongside it (sharing the scratch dir) and writes, tracks and audits nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -140,6 +146,43 @@ def _run_and_publish(
     return metrics
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _follow(run: RunFn, cfg: StageConfig, inputs: dict[str, Path], scratch: Path) -> dict[str, Any]:
+    """A data-parallel worker other than rank 0: it trains alongside rank 0 (sharing the scratch
+    dir for resume) but tracks, publishes and audits nothing; rank 0 does all of that."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-rank-") as out:
+        return dict(run(cfg, inputs, Path(out), ctx=RunContext(scratch=scratch)))
+
+
+def _processes(name: str, config_cls: type[StageConfig], root: Path) -> int:
+    """How many data-parallel processes the stage's config asks for (train.nproc_per_node)."""
+    section = dag.params(root).get(name)
+    if section is None:
+        return 1  # execute() reports the missing section
+    cfg = build(config_cls, section, f"{dag.PARAMS_FILE}: {name}")
+    train = getattr(cfg, "train", None)
+    return int(getattr(train, "nproc_per_node", 1))
+
+
+def _relaunch_under_torchrun(name: str, config_cls: type[StageConfig], root: Path) -> None:
+    """`python -m stages.<name>` with train.nproc_per_node > 1 replaces itself with
+    `torchrun --standalone --nproc_per_node=N -m stages.<name>` (one node). Multi-node runs
+    call torchrun themselves with their rendezvous settings; the stage then runs as launched."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    n = _processes(name, config_cls, root)
+    if n > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", f"stages.{name}"]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
+
+
 def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) -> dict[str, Any]:
     """Run stage `name` in the repo at `root`; return its metrics. Raises on failure."""
     t0, started = time.perf_counter(), _now()
@@ -155,6 +198,12 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     _check_declared(root, spec, cfg)
     inputs = _inputs(root, spec)
     input_digests = {dep: sha256_path(root / dep) for dep in spec.data_deps}
+    params_digest = cfg.digest()  # before the run: nothing the run does can change what is recorded
+    # Resumable state is keyed by params and inputs: a run killed under other params or other
+    # data is never resumed by this one.
+    scratch = root / SCRATCH_DIR / name / sha256_json({"params": params_digest, "inputs": input_digests})[:16]
+    if _rank() != 0:
+        return _follow(run, cfg, inputs, scratch)
     code = code_version(root)
     runner = os.environ.get(RUNNER_ENV, "dvc")
     # 3. tracking. Under plain `dvc repro` no driver owns the parent run: each stage finds it
@@ -165,7 +214,6 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
         exp_id, dag.pipeline_key(root), name, tags={"lmforge.commit": str(code["commit"])}
     )
     _clean_stale(root, name)
-    params_digest = cfg.digest()  # before the run: nothing the run does can change what is recorded
     audit = AuditLog(root / pipe.audit_log)
     tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"])}
     try:
@@ -174,10 +222,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             tracking.log_input_digests(input_digests)
             # 4-5. run, check, publish atomically
             steps = tracking.MetricBuffer(run_id)
-            # Resumable state is keyed by params and inputs: a run killed under other params or
-            # other data is never resumed by this one.
-            resume_key = sha256_json({"params": params_digest, "inputs": input_digests})[:16]
-            ctx = RunContext(scratch=root / SCRATCH_DIR / name / resume_key, sink=steps.add)
+            ctx = RunContext(scratch=scratch, sink=steps.add)
             try:
                 metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
             finally:
@@ -218,6 +263,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
 def main(name: str, config_cls: type[StageConfig], run: RunFn) -> None:
     """Entry point of `python -m stages.<name>`: exit 0, 2 (a user-fixable error) or 1 (a bug)."""
     try:
+        _relaunch_under_torchrun(name, config_cls, Path.cwd())
         execute(name, config_cls, run, Path.cwd())
     except LmforgeError as e:
         print(f"lmforge {name}: error: {e}", file=sys.stderr)

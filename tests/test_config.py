@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lmforge.config import build, load_section
+from lmforge.config import StageConfig, build, load_section, read_yaml
 from lmforge.data.mix import MixConfig
 from lmforge.errors import ConfigError
 from lmforge.profiles import apply
@@ -76,3 +77,28 @@ def test_yaml_is_read_as_dvc_reads_it(tmp_path: Path) -> None:
     p.write_text("a:\n  b: [1, 2\n  c: 3\n")
     with pytest.raises(ConfigError, match=r"params.yaml:\d+: invalid YAML"):
         read_yaml(p)
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
+def test_every_profile_gives_valid_stage_configs(profile: str, tmp_path: Path) -> None:
+    """Each shipped profile applies cleanly and every stage section it yields validates; the
+    pretrain model it describes is buildable (heads divide the width, and so on)."""
+    import importlib
+
+    from stages import dag
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    apply(params, ROOT / "profiles" / f"{profile}.yaml")
+    data = read_yaml(params)
+    for name in yaml.safe_load((ROOT / dag.DVC_FILE).read_text())["stages"]:
+        module = importlib.import_module(f"stages.{name}")  # the stage module imports its config class
+        config_cls = next(v for v in vars(module).values()
+                          if isinstance(v, type) and issubclass(v, StageConfig) and v is not StageConfig)
+        cfg = build(config_cls, data[name], f"{profile}: {name}")
+        if name == "pretrain":
+            model = cfg.model.build(data["tokenizer"]["vocab_size"], cfg.train.seq_len)
+            steps = cfg.train.total_steps(model.n_params())
+            assert steps >= 1 and cfg.train.accum_steps(cfg.train.nproc_per_node) >= 1
+            if profile == "gpu8":  # the d20 class
+                assert 500e6 < model.n_params() < 600e6 and cfg.train.nproc_per_node == 8

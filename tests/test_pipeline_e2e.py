@@ -41,6 +41,11 @@ def test_outputs_and_metrics(repo: Path) -> None:
         assert abs(st["achieved_share"] - st["target_share"]) < 0.05, name
     tok = json.loads((repo / "data/tokenizer/metrics.json").read_text())
     assert set(tok["bytes_per_token_by_source"]) == set(mix["sources"])
+    pre = json.loads((repo / "data/pretrain/metrics.json").read_text())
+    # the model learned context: a clear margin below the unigram floor on the same targets
+    assert pre["val_bpb"] < pre["unigram_val_bpb"] - 0.5, pre
+    model_cfg = json.loads((repo / "data/pretrain/model/config.json").read_text())
+    assert model_cfg["tokenizer"]["source"] == "data/tokenizer/tokenizer"
 
 
 def test_second_repro_runs_nothing(repo: Path) -> None:
