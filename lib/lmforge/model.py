@@ -18,6 +18,10 @@ heads of `head_dim`, KV heads a fraction of them; any derived value can be given
 
 Inference uses a `KVCache` (see lmforge.engine): `model(idx, cache=cache)` appends the new
 keys and values and attends over everything cached; rows may be left-padded (cache.pad).
+
+Eager code runs the norms, the rotation, SwiGLU and the loss as autograd functions with
+hand-written backward passes ("fused operations" below): the numbers of the plain formulas
+with fewer passes over memory and fewer saved tensors. Compiled code runs the plain formulas.
 """
 
 from __future__ import annotations
@@ -126,38 +130,31 @@ def token_budget(cfg: ModelConfig, tokens_per_param: float) -> int:
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's angles, (max_len, head_dim / 2).
 
-    Hugging Face's tables are these twice over, `cat([t, t], -1)` (the rotate-half layout pairs
-    dimension i with i + head_dim / 2, and both members of a pair turn by the same angle)."""
+    Hugging Face's tables are these twice over, `cat([t, t], -1)`: the rotate-half layout pairs
+    dimension i with i + head_dim / 2, and both members of a pair turn by the same angle."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
-               n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split a fused projection into heads and turn queries and keys by the rotary angles.
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, D) turned by the rotary angles, as (B, heads, T, D), attention's layout.
 
-    qkv (B, T, (H + 2K) * D): the outputs of q_proj, k_proj and v_proj side by side;
-    cos / sin (T, D/2), or (B, T, D/2) when each row has its own positions.
-    Returns q (B, H, T, D), k (B, K, T, D) and v (B, K, T, D). The rotation pairs dimension i
-    with i + D/2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), Hugging Face's
-    x * cos + rotate_half(x) * sin. This is the formula as plain tensor code (what compiled
-    code runs: the compiler fuses it); eager code runs `_RotaryQKV`, the same with fewer passes."""
-    B, T, _ = qkv.shape
-    x = qkv.view(B, T, n_head + 2 * n_kv_head, -1).transpose(1, 2)
-    cos, sin = cos.to(qkv.dtype).unsqueeze(-3), sin.to(qkv.dtype).unsqueeze(-3)  # broadcast over heads
-    x1, x2 = x[:, :n_head + n_kv_head].chunk(2, dim=-1)
-    qk = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return qk[:, :n_head], qk[:, n_head:], x[:, n_head + n_kv_head:]
+    cos / sin: (T, D/2), or (B, T, D/2) when each row has its own positions. With x's halves
+    (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin), which is Hugging Face's
+    x * cos + rotate_half(x) * sin. The plain formula, which compiled code runs (the compiler
+    fuses it); eager code runs `_Rotary`, the same computation in fewer passes."""
+    x = x.transpose(1, 2)
+    cos, sin = cos.to(x.dtype).unsqueeze(-3), sin.to(x.dtype).unsqueeze(-3)  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, *,
             inverse: bool = False) -> torch.Tensor:
-    """Write x turned by the rotary angles into `out` (rotate-half: halves x1, x2 of the last dim).
-
-    out = (x1 cos - x2 sin, x2 cos + x1 sin), which is Hugging Face's x * cos + rotate_half(x) * sin;
-    `inverse` turns the other way (the transpose of the rotation: the backward pass). Four
-    elementwise passes over half-width views, no temporaries; `out` may have any strides."""
+    """Write x turned by the angles into `out` (both (..., D), any strides): four elementwise
+    passes over half-width views and no temporaries. `inverse` turns the other way, which is
+    the transpose of the rotation: the backward pass."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     sign = -1.0 if inverse else 1.0
@@ -197,23 +194,23 @@ class KVCache:
 # --- fused operations -------------------------------------------------------------------------
 #
 # Eager autograd records each elementwise op of a formula as its own node: one pass over memory
-# per op forward, one or more backward, and every intermediate kept alive until the backward.
-# The functions below compute the same formulas (the same results up to float rounding) with a
-# hand-written backward: fewer passes, fewer saved tensors. They matter where nothing fuses
-# for us (the CPU, a GPU without torch.compile). Compiled code (torch.compile traces these too)
-# runs the plain formulas `rotary_qkv` and `swiglu` instead, which the compiler fuses itself:
-# their fused versions write into strided views (`out=`), which it does not accept.
+# per op forward, one or more backward, and intermediates kept alive until the backward. The
+# functions below compute the same formulas (the same results up to float rounding) with a
+# hand-written backward: fewer passes, fewer tensors saved. They matter where nothing fuses for
+# us (the CPU, a GPU without torch.compile). Compiled code runs the plain formulas `rotary` and
+# `swiglu` instead, which the compiler fuses itself (and `_Rotary` writes into strided views,
+# `out=`, which it does not accept); `_RMSNorm` and `_CrossEntropy` trace as they are.
 
 class _RMSNorm(torch.autograd.Function):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim.
 
     Normalised in float32 and cast back to x's dtype before the weight multiplies, as Hugging
     Face's LlamaRMSNorm. Saves the normalised x and 1/rms; the backward is
-    dx = (g w - xhat mean(g w xhat)) / rms, dweight = sum over rows of g xhat."""
+    dx = (g w - xhat mean(g w xhat)) / rms and dweight = the sum over rows of g xhat."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        # one read of x for the sum of squares (||x||^2 / d = mean(x^2), no x^2 temporary)
+        # one read of x for the sum of squares: mean(x^2) = ||x||^2 / d, no x^2 temporary
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
         rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
         xhat = x * rstd  # float32
@@ -230,7 +227,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dot = (g_xhat @ weight.float()).view(rstd.shape)  # sum_j g_j w_j xhat_j, one per row
-            dx = (g * weight).float()
+            dx = torch.mul(g, weight, out=g_xhat.view(xhat.shape))  # g_xhat's buffer is free again
             dx.addcmul_(xhat, dot, value=-1.0 / d).mul_(rstd)
             dx = dx.to(ctx.x_dtype)
         return dx, dweight, None
@@ -243,76 +240,60 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNorm.apply(x, self.weight, self.eps)
 
 
-class _RotaryQKV(torch.autograd.Function):
-    """`rotary_qkv` for eager code: the rotation writes straight into the layout attention
-    reads (q, k, v each contiguous), and the backward turns the gradients back and writes all
-    three into one (B, T, (H + 2K) * D) tensor, the fused projection's gradient. Nothing of
-    the activations is saved."""
+class _Rotary(torch.autograd.Function):
+    """`rotary` for eager code: the rotation reads x in the projection's layout and writes
+    straight into attention's; the backward turns the gradient back the same way. Saves only
+    the angles."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
-                n_head: int, n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, width = qkv.shape
-        D = width // (n_head + 2 * n_kv_head)
-        x = qkv.view(B, T, -1, D)
-        # the angles in the activations' dtype (as Hugging Face), broadcast over heads
-        cos, sin = cos.to(qkv.dtype).unsqueeze(-2), sin.to(qkv.dtype).unsqueeze(-2)
-        q = qkv.new_empty(B, n_head, T, D)
-        k = qkv.new_empty(B, n_kv_head, T, D)
-        _rotate(x[:, :, :n_head], cos, sin, out=q.transpose(1, 2))
-        _rotate(x[:, :, n_head:n_head + n_kv_head], cos, sin, out=k.transpose(1, 2))
-        v = x[:, :, n_head + n_kv_head:].transpose(1, 2).contiguous()
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        B, T, N, D = x.shape
+        cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)  # broadcast over heads
+        out = x.new_empty(B, N, T, D)
+        _rotate(x, cos, sin, out=out.transpose(1, 2))
         ctx.save_for_backward(cos, sin)
-        ctx.heads = (n_head, n_kv_head)
-        return q, k, v
+        return out
 
     @staticmethod
-    def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        H, K = ctx.heads
-        B, _, T, D = gq.shape
-        grad = gq.new_empty(B, T, H + 2 * K, D)
-        _rotate(gq.transpose(1, 2), cos, sin, out=grad[:, :, :H], inverse=True)
-        _rotate(gk.transpose(1, 2), cos, sin, out=grad[:, :, H:H + K], inverse=True)
-        grad[:, :, H + K:] = gv.transpose(1, 2)
-        return grad.view(B, T, -1), None, None, None, None
+        B, N, T, D = g.shape
+        grad = g.new_empty(B, T, N, D)
+        _rotate(g.transpose(1, 2), cos, sin, out=grad, inverse=True)
+        return grad, None, None
 
 
-def swiglu(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up from the fused projection gu = [gate | up] (..., 2m) -> (..., m)."""
-    gate, up = gu.chunk(2, dim=-1)
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the plain formula (compiled code runs this; eager code `_SwiGLU`)."""
     return F.silu(gate) * up
 
 
 class _SwiGLU(torch.autograd.Function):
-    """`swiglu` for eager code: the backward writes both gradients into one (..., 2m) tensor,
-    the fused projection's gradient: d_up = g silu(gate), d_gate = g up silu'(gate)."""
+    """`swiglu` with a three-pass backward that allocates nothing: d_up = g silu(gate) and
+    d_gate = silu'(gate) g up (aten's fused silu_backward), written over the saved silu(gate)
+    and up, which nothing reads after this backward (a second one raises: they were modified)."""
 
     @staticmethod
-    def forward(ctx, gu: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        gate, up = gu.chunk(2, dim=-1)
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         act = F.silu(gate)
-        ctx.save_for_backward(gu, act)
+        ctx.save_for_backward(gate, up, act)
         return act * up
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        gu, act = ctx.saved_tensors
-        gate, up = gu.chunk(2, dim=-1)
-        grad = torch.empty_like(gu)
-        d_gate, d_up = grad.chunk(2, dim=-1)
-        torch.mul(g, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
-        return grad
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        gate, up, act = ctx.saved_tensors
+        d_up = act.mul_(g)
+        d_gate = torch.ops.aten.silu_backward.grad_input(up.mul_(g), gate, grad_input=up)
+        return d_gate, d_up
 
 
 class _CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, V) against targets (N,), rows with target -1 left out.
 
-    The same value as F.cross_entropy(logits.float(), targets, ignore_index=-1). It keeps only
-    the float32 log-probabilities and turns them into the gradient in place, (softmax - onehot)
-    / n: no zero-filled (N, V) one-hot and no second (N, V) tensor. A second backward through
-    the same graph raises (the saved tensor was modified), as it would after any in-place op."""
+    The value of F.cross_entropy(logits.float(), targets, ignore_index=-1). It keeps only the
+    float32 log-probabilities and turns them into the gradient in place, (softmax - onehot) / n:
+    no zero-filled (N, V) one-hot and no second (N, V) tensor. A second backward through the
+    same graph raises (a saved tensor was modified), as after any in-place op."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -334,12 +315,6 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 # --- blocks -----------------------------------------------------------------------------------
-#
-# With autograd recording (training), each block multiplies by the concatenation of its
-# projections' weights: one GEMM for q, k and v and one for gate and up, forward and backward,
-# instead of three and two. Without it (inference, evaluation) the projections run one by one:
-# when a few tokens pass per call (decoding), copying the weights would cost more than the
-# products themselves.
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -358,25 +333,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if torch.is_grad_enabled():
-            qkv = F.linear(x, torch.cat([p.weight for p in projections]))
-        else:
-            qkv = torch.cat([p(x) for p in projections], dim=-1)
-        if self.q_norm is not None:  # per head, before the rotation
-            q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
-            q = self.q_norm(q.view(B, T, H, D)).view(B, T, -1)
-            k = self.k_norm(k.view(B, T, K, D)).view(B, T, -1)
-            qkv = torch.cat([q, k, v], dim=-1)
-        rotate = rotary_qkv if torch.compiler.is_compiling() else _RotaryQKV.apply
-        q, k, v = rotate(qkv, cos, sin, H, K)  # (B, heads, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rotate = rotary if torch.compiler.is_compiling() else _Rotary.apply
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, D)
         if cache is not None:
             end = cache.pos + T
             cache.k[layer, :, :, cache.pos:end] = k
             cache.v[layer, :, :, cache.pos:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        gqa = H != K
+        gqa = self.n_head != self.n_kv_head
         if mask is None:  # training, or a prefill of an empty cache with no padding
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
@@ -394,12 +363,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            gu = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-            h = swiglu(gu) if torch.compiler.is_compiling() else _SwiGLU.apply(gu)
-        else:
-            h = F.silu(self.gate_proj(x)).mul_(self.up_proj(x))
-        return self.down_proj(h)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up) if torch.compiler.is_compiling() else _SwiGLU.apply(gate, up))
 
 
 class Block(nn.Module):
