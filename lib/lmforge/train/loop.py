@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -61,8 +60,11 @@ class Objective:
 
 
 def _lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = model(batch["inputs"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-1, reduction="sum")
+    # the model's own loss (a fused cross-entropy) is the mean over counted targets
+    n = _lm_count(batch)
+    if n == 0:  # nothing to learn from here, but every process must still run the same graph
+        return model(batch["inputs"]).sum() * 0.0
+    return model(batch["inputs"], batch["targets"]) * n
 
 
 def _lm_count(batch: Batch) -> int:
