@@ -5,7 +5,7 @@ and left-padded) against full forwards, and a tiny model that learns. CPU, float
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,14 +18,7 @@ from lmforge import model as model_module
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, KVCache, ModelConfig, token_budget
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(**overrides: object) -> ModelConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,7 @@ from lmforge.train.loop import LM, fit
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny matrices: one thread is many times faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int, *, tie: bool = False) -> GPT:
@@ -92,6 +85,12 @@ def assert_same_optimizer(a: torch.optim.Optimizer, b: torch.optim.Optimizer) ->
     assert sa["param_groups"] == sb["param_groups"]
 
 
+def assert_same_state(model: GPT, opts: list, model2: GPT, opts2: list) -> None:
+    assert_same_weights(weights(model), weights(model2))
+    for a, b in zip(opts, opts2, strict=True):
+        assert_same_optimizer(a, b)
+
+
 def test_round_trip_restores_weights_optimizers_and_continues_bit_for_bit(tmp_path: Path) -> None:
     model, opts = trained()
     assert [type(o) for o in opts] == [torch.optim.AdamW, torch.optim.Muon]
@@ -104,16 +103,12 @@ def test_round_trip_restores_weights_optimizers_and_continues_bit_for_bit(tmp_pa
     assert not torch.equal(model2.model.embed_tokens.weight, model.model.embed_tokens.weight)
     state = checkpoint.load(ckpt, model2, opts2)
     assert state["step"] == 3 and state["data"] == {"epoch": 0, "row": 12} and state["tokens"] == 99
-    assert_same_weights(weights(model), weights(model2))
-    for a, b in zip(opts, opts2, strict=True):
-        assert_same_optimizer(a, b)
+    assert_same_state(model, opts, model2, opts2)
 
     more = batches(2, 3)
     train(model, opts, more)
     train(model2, opts2, more)
-    assert_same_weights(weights(model), weights(model2))
-    for a, b in zip(opts, opts2, strict=True):
-        assert_same_optimizer(a, b)
+    assert_same_state(model, opts, model2, opts2)
 
 
 def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
@@ -124,9 +119,7 @@ def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
     model2, opts2 = fresh(tie=True)
     checkpoint.load(ckpt, model2, opts2)
     assert model2.lm_head.weight is model2.model.embed_tokens.weight  # still tied
-    assert_same_weights(weights(model), weights(model2))
-    for a, b in zip(opts, opts2, strict=True):
-        assert_same_optimizer(a, b)
+    assert_same_state(model, opts, model2, opts2)
     more = batches(5, 2)
     train(model, opts, more)
     train(model2, opts2, more)

@@ -4,7 +4,6 @@ and lmforge.train.loop.fit's optimisation: the loss goes down, gradient accumula
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,13 +23,7 @@ BLOCK_MATRICES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_at
 BLOCK_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny matrices: one thread is many times faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(*, tie: bool = False, qk_norm: bool = True, depth: int = 2) -> GPT:
