@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import LmforgeError
 from ..tokens import TokenSplit
+
+
+class TooLittleData(LmforgeError, ValueError):
+    """A split cannot fill a single row."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,8 @@ class PackedRows:
                      else np.arange(n_docs))
             self._plans = {epoch: pack(self.split.offsets, self.row_len, order, self.buffer)}
             if self._plans[epoch].n_rows == 0:
-                raise ValueError(f"the split has too few tokens for one row of {self.row_len} tokens")
+                raise TooLittleData(f"the split has too few tokens for one row of {self.row_len} tokens "
+                                    f"({int(self.split.offsets[-1])} in all; fix: lower train.seq_len or add data)")
         return self._plans[epoch]
 
     def rows(self, plan: Plan, first: int, count: int) -> np.ndarray:
