@@ -78,8 +78,10 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 def configs(seq: int) -> dict[str, ModelConfig]:
-    """d4: the default tiny profile model; d8: twice as deep and as wide (heads of 64 in both)."""
+    """d3: the default tiny profile's model (params.yaml: pretrain); d4 and d8: deeper and wider
+    (heads of 64 in all)."""
     return {
+        "d3": ModelConfig.from_depth(3, 2048, aspect_ratio=64, head_dim=64, max_seq_len=max(512, seq)),
         "d4": ModelConfig.from_depth(4, 2048, aspect_ratio=64, head_dim=64, max_seq_len=max(512, seq)),
         "d8": ModelConfig.from_depth(8, 2048, aspect_ratio=64, head_dim=64, max_seq_len=max(512, seq)),
     }
@@ -360,7 +362,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=11, help="timed steps per model (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--configs", nargs="*", choices=("d4", "d8"), default=None, help="a subset (default: both)")
+    ap.add_argument("--configs", nargs="*", choices=("d3", "d4", "d8"), default=None,
+                    help="a subset (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "train_step.txt")
     ap.add_argument("--probe-model", choices=MODELS, help=argparse.SUPPRESS)
     ap.add_argument("--probe-config", help=argparse.SUPPRESS)
