@@ -148,7 +148,7 @@ def category(event: Any) -> str:
         if parent.name.startswith("Optimizer.step"):
             return "optimizer"
         parent = parent.cpu_parent
-    if event.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+    if event.name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
         return "matmul"
     if "scaled_dot_product" in event.name:
         return "attention"
@@ -156,7 +156,7 @@ def category(event: Any) -> str:
 
 
 CATEGORIES = {
-    "matmul": "matmuls (aten::mm)",
+    "matmul": "matmuls (aten::mm, addmm)",
     "attention": "attention (SDPA flash kernels)",
     "optimizer": "AdamW step",
     "other": "everything else (norms, rotary, SwiGLU, loss, adds, copies, autograd)",

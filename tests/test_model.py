@@ -158,10 +158,33 @@ def test_fused_kernels_equal_the_plain_formulas() -> None:
     both(model_module._SwiGLU.apply, model_module.swiglu, *torch.randn(2, B, T, 24, generator=g), grads=2)
     both(lambda x, w: model_module._RMSNorm.apply(x, w, 1e-5), lambda x, w: F.rms_norm(x, (32,), w, 1e-5),
          torch.randn(B, T, 32, generator=g) * 3, 1 + torch.randn(32, generator=g), grads=2)
-    targets = torch.randint(0, 11, (B * T,), generator=g)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 5, 1000])
+def test_linear_cross_entropy_equals_the_plain_formula(monkeypatch: pytest.MonkeyPatch, rows_per_chunk: int) -> None:
+    """The chunked loss of the head: value and both gradients, in float32 and under bf16
+    autocast, for chunks of one row, a few rows, and all rows; ignored targets left out."""
+    g = torch.Generator().manual_seed(5)
+    N, d, V = 23, 16, 11
+    monkeypatch.setitem(model_module.CHUNK_LOGITS, "cpu", rows_per_chunk * V)
+    targets = torch.randint(0, V, (N,), generator=g)
     targets[::4] = -1
-    both(lambda x: model_module._CrossEntropy.apply(x, targets),
-         lambda x: F.cross_entropy(x, targets, ignore_index=-1), torch.randn(B * T, 11, generator=g))
+    x0, w0 = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
+    for autocast, tol in ((False, 1e-6), (True, 2e-2)):
+        grads = []
+        for fused in (True, False):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = (model_module._LinearCrossEntropy.apply(x, w, targets, True) if fused
+                        else model_module.cross_entropy(x @ w.t(), targets))
+            (3 * loss).backward()
+            grads.append((loss.detach(), x.grad, w.grad))
+        for ours, ref in zip(*grads, strict=True):
+            assert ours.dtype == ref.dtype == torch.float32
+            assert torch.allclose(ours, ref, atol=tol, rtol=tol)
+    with torch.no_grad():  # evaluation: the value only, and no gradient work
+        assert torch.allclose(model_module._LinearCrossEntropy.apply(x0, w0, targets, False),
+                              model_module.cross_entropy(x0 @ w0.t(), targets), atol=1e-6)
 
 
 def test_compiled_code_path_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -199,7 +199,8 @@ class KVCache:
 # hand-written backward: fewer passes, fewer tensors saved. They matter where nothing fuses for
 # us (the CPU, a GPU without torch.compile). Compiled code runs the plain formulas `rotary` and
 # `swiglu` instead, which the compiler fuses itself (and `_Rotary` writes into strided views,
-# `out=`, which it does not accept); `_RMSNorm` and `_CrossEntropy` trace as they are.
+# `out=`, which it does not accept) and `cross_entropy` for `_LinearCrossEntropy`;
+# `_RMSNorm` traces as it is.
 
 class _RMSNorm(torch.autograd.Function):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim.
@@ -287,31 +288,72 @@ class _SwiGLU(torch.autograd.Function):
         return d_gate, d_up
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits (N, V) against targets (N,), rows with target -1 left out.
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,), rows with target -1 left out:
+    the plain formula (compiled code runs this; eager code `_LinearCrossEntropy`)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
-    The value of F.cross_entropy(logits.float(), targets, ignore_index=-1). It keeps only the
-    float32 log-probabilities and turns them into the gradient in place, (softmax - onehot) / n:
-    no zero-filled (N, V) one-hot and no second (N, V) tensor. A second backward through the
-    same graph raises (a saved tensor was modified), as after any in-place op."""
+
+# Rows per chunk of `_LinearCrossEntropy` = this many logits / vocab size: on the CPU a chunk's
+# float32 logits (4 MiB) stay in cache between the matmul that makes them and the softmax and
+# gradient that read them; on a GPU, chunks big enough to keep the kernels busy.
+CHUNK_LOGITS = {"cpu": 1 << 20}
+CHUNK_LOGITS_GPU = 1 << 26
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(x @ weight.T, targets) without ever holding the (N, V) logits.
+
+    Rows go in chunks: a chunk's logits, their float32 log-softmax, the loss terms and, when a
+    gradient is wanted, (softmax - onehot) / n turned at once into the chunk's rows of dx and
+    its share of dweight, while the logits are still in cache. The forward pass keeps only dx
+    (N, d) and dweight (V, d); the backward scales them by the incoming gradient. The value
+    and gradients are those of `cross_entropy(lm_head(x), targets)` up to float rounding.
+    Under autocast the matmuls run in its dtype, the softmax in float32, and dweight is summed
+    in float32. `grad` False (no_grad, evaluation) skips the gradient work."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logp = torch.log_softmax(logits.float(), dim=-1)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                grad: bool) -> torch.Tensor:
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        need_x, need_w = (grad and ctx.needs_input_grad[0]), (grad and ctx.needs_input_grad[1])
         keep = targets != -1
+        scale = keep.to(torch.float32) / keep.sum()  # 1/n for the rows counted, 0 for the others
         safe = targets.masked_fill(~keep, 0).unsqueeze(1)
-        weight = keep.float().div_(keep.sum())  # 1/n for the rows counted, 0 for the others
-        ctx.save_for_backward(logp, safe, weight)
-        ctx.logits_dtype = logits.dtype
-        return -(logp.gather(1, safe).squeeze(1) @ weight)
+        with torch.autocast(dev, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)
+            dx = torch.empty_like(xc) if need_x else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            rows = max(1, CHUNK_LOGITS.get(dev, CHUNK_LOGITS_GPU) // weight.shape[0])
+            for s in range(0, x.shape[0], rows):
+                e = s + rows
+                logp = torch.log_softmax((xc[s:e] @ wc.t()).float(), dim=-1)
+                loss -= logp.gather(1, safe[s:e]).squeeze(1) @ scale[s:e]
+                if not (need_x or need_w):
+                    continue
+                g = logp.exp_()  # softmax, then (softmax - onehot) / n in place
+                g.scatter_add_(1, safe[s:e], torch.full_like(safe[s:e], -1, dtype=g.dtype))
+                g = g.mul_(scale[s:e, None]).to(dtype)
+                if need_x:
+                    torch.mm(g, wc, out=dx[s:e])  # type: ignore[index]
+                if need_w and dtype == torch.float32:
+                    dw.addmm_(g.t(), xc[s:e])  # type: ignore[union-attr]
+                elif need_w:
+                    dw.add_(g.t() @ xc[s:e])  # type: ignore[union-attr]
+        ctx.save_for_backward(dx, dw)
+        ctx.dtypes = x.dtype, weight.dtype
+        return loss
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        logp, safe, weight = ctx.saved_tensors
-        grad = logp.exp_()  # softmax
-        grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-        grad.mul_((weight * g).unsqueeze(1))
-        return grad.to(ctx.logits_dtype), None
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # type: ignore[override]
+        dx, dw = ctx.saved_tensors
+        if dx is None and dw is None:
+            raise RuntimeError("_LinearCrossEntropy: no gradient was computed (forward ran with grad=False)")
+        dx = None if dx is None else dx.mul_(g).to(ctx.dtypes[0])
+        dw = None if dw is None else dw.mul_(g).to(ctx.dtypes[1])
+        return dx, dw, None, None
 
 
 # --- blocks -----------------------------------------------------------------------------------
@@ -441,10 +483,12 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(x)
         if targets is None:
-            return logits
-        return _CrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            return self.lm_head(x)
+        x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)
+        if torch.compiler.is_compiling():
+            return cross_entropy(self.lm_head(x), targets)
+        return _LinearCrossEntropy.apply(x, self.lm_head.weight, targets, torch.is_grad_enabled())
 
 
 @torch.no_grad()
