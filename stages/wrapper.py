@@ -10,7 +10,8 @@ It does DESIGN.md's seven steps in order, the same for every stage:
    data/<stage>/ with one rename: an interrupted stage leaves the old set of outputs or none,
    never a torn file and never a mix of old and new outputs;
 6. log metrics (metrics.json also becomes the DVC metric), timings and artifacts;
-7. append one record to the audit chain and anchor its head on the MLflow runs.
+7. append the run's decision records (ctx.decisions) and one stage record to the audit chain, and
+   anchor its head on the MLflow runs.
 
 Run a stage directly with `python -m stages.<name>` from the repo root (that is what
 dvc.yaml's `cmd` does).
@@ -233,7 +234,9 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             # 6. metrics, timings, artifacts
             tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})
             tracking.log_artifact(run_id, root / spec.out_dir / "metrics.json")
-            # 7. audit, and its head anchored on the MLflow runs
+            # 7. audit (the run's decisions, then the stage), and its head anchored on the MLflow runs
+            for decision in ctx.decisions:
+                audit.append({**decision, "stage": name, "mlflow_run_id": run_id})
             record = build_stage_record(
                 stage=name,
                 inputs=input_digests,

@@ -46,6 +46,16 @@ def test_outputs_and_metrics(repo: Path) -> None:
     assert pre["val_bpb"] < pre["unigram_val_bpb"] - 0.5, pre
     model_cfg = json.loads((repo / "data/pretrain/model/config.json").read_text())
     assert model_cfg["tokenizer"]["source"] == "data/tokenizer/tokenizer"
+    gov = json.loads((repo / "data/govern/metrics.json").read_text())
+    for key in ("skipped_fraction", "val_loss_governed", "val_loss_ungoverned", "wall_clock_governed_s",
+                "wall_clock_ungoverned_s"):
+        assert key in gov, key
+    assert 0 < gov["skipped_fraction"] < 1 and gov["transitions"] > 0, gov
+    # continued training on the mid-training mix keeps what pretraining learned
+    assert gov["val_bpb_governed"] < pre["unigram_val_bpb"] - 0.5, gov
+    governance = json.loads((repo / "data/govern/governance.json").read_text())
+    assert governance["budget"]["max_sum"] <= governance["budget"]["budget"]
+    assert governance["budget"]["steps_checked"] == gov["steps"]
 
 
 def test_second_repro_runs_nothing(repo: Path) -> None:
@@ -59,9 +69,17 @@ def test_audit_chain_records_every_stage(repo: Path) -> None:
     run(repo, "lmforge", "audit", "verify", "--log", "audit/log.jsonl", "--mlflow")
     records = [json.loads(x) for x in (repo / "audit/log.jsonl").read_text().splitlines()]
     assert records[0]["kind"] == "genesis"
-    assert [r["stage"] for r in records[1:]] == STAGES
+    stages = [r for r in records if r["kind"] == "stage"]
+    assert [r["stage"] for r in stages] == STAGES
+    # the governor's decisions, in order, just before the govern stage's own record
+    decisions = [r for r in records if r["kind"] == "govern.transition"]
+    events = json.loads((repo / "data/govern/governance.json").read_text())["events"]
+    assert [{k: r[k] for k in ("step", "group", "old", "new", "signals")} for r in decisions] == events
+    at = records.index(next(r for r in stages if r["stage"] == "govern"))
+    assert records[at - len(decisions):at] == decisions
+    assert all(r["stage"] == "govern" and r["mlflow_run_id"] == records[at]["mlflow_run_id"] for r in decisions)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    for r in records[1:]:
+    for r in stages:
         assert r["mlflow_run_id"] and r["code"]["commit"]
         assert set(r["outputs"]) == {o["path"] for o in lock["stages"][r["stage"]]["outs"]}
 
@@ -95,7 +113,12 @@ def test_prefect_flow_leaves_the_same_dvc_lock(repo: Path, tmp_path: Path) -> No
     run(flowed, "python", "-m", "pipelines.flow")
     assert "up to date" in run(flowed, "dvc", "status").stdout
     assert lock_outs(flowed) == lock_outs(repo)
-    assert (flowed / "dvc.lock").read_text() == (repo / "dvc.lock").read_text()
+
+    def deps(r: Path) -> dict[str, object]:
+        lock = yaml.safe_load((r / "dvc.lock").read_text())
+        return {name: (st["cmd"], st.get("deps"), st.get("params")) for name, st in lock["stages"].items()}
+
+    assert deps(flowed) == deps(repo)
 
 
 def test_cut_tail_with_rewritten_head_is_caught_by_the_mlflow_anchor(repo: Path, tmp_path: Path) -> None:

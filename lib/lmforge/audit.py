@@ -637,6 +637,10 @@ def format_record(rec: dict[str, Any]) -> str:
     head = f"#{rec['seq']:<4} {rec['ts']}  {rec['kind']}"
     if rec["kind"] == "genesis":
         return f"{head}  chain={rec.get('chain_id')}  hash={short(rec['hash'])}"
+    if rec["kind"] != "stage":  # a decision a stage recorded (e.g. govern.transition): its own fields
+        chain = {"seq", "kind", "ts", "hash", "prev_hash", "stage", "mlflow_run_id"}
+        fields = {k: v for k, v in rec.items() if k not in chain}
+        return f"{head}  {rec.get('stage', '-')}  {canonical_json(fields)}  hash={short(rec['hash'])}"
     code = rec.get("code") or {}
     commit = short(code.get("commit") or "unknown") + ("+dirty" if code.get("dirty") else "")
     parts = [

@@ -3,6 +3,9 @@
 - `ctx.log_metrics(metrics, step)`: metrics by step (loss curves); buffered and sent in batches.
 - `ctx.timings`: wall-clock figures (seconds) for the tracking run; never in metrics.json,
   which must be deterministic.
+- `ctx.decisions`: records of decisions the run made (e.g. a governor's state changes), each a
+  dict with a `kind`; the caller appends them to the audit chain, in order, when the run has
+  succeeded, just before the stage's own record.
 - `ctx.scratch`: a directory for resumable state (checkpoints) that lives outside the DVC
   outputs and survives a killed run; the caller empties it after a successful run.
 
@@ -25,6 +28,7 @@ class RunContext:
         self.scratch = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="lmforge-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.decisions: list[dict[str, Any]] = []
         self._sink = sink
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:

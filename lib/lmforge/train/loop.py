@@ -14,6 +14,9 @@
 - Every `eval_every` steps and at the end, `evaluate(model)` (validation loss, bpb, ...).
 - `log(metrics, step)` receives curves by step: `train/loss`, `train/lr_mult`, `train/grad_norm`,
   `train/tokens`, and `eval/<name>` for each evaluation (rank 0 only).
+- A `plugin` (e.g. lmforge.train.governor.Governor) may freeze parameters, scale each of its
+  optimizer param groups' lr and ask for evaluations; see `Plugin`. With a plugin, evaluations
+  run when it asks (and at the end) instead of every `eval_every` steps.
 - Every `ckpt_every` steps, a checkpoint of model, optimizers, data position and RNG states in
   `ckpt_dir`; a run started with a checkpoint there resumes from it and ends with the same
   weights as an uninterrupted run (bit for bit on CPU).
@@ -52,6 +55,20 @@ class Data(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class Plugin(Protocol):
+    """A training plug-in: the loop calls these hooks, in this order, each step."""
+
+    def split(self) -> Mapping[str, str]: ...        # parameter name -> the plug-in's group (optim.build)
+    def attach(self, model: nn.Module, opts: list[torch.optim.Optimizer], total_steps: int) -> None: ...
+    def before_step(self, step: int) -> bool: ...      # before set_lr; True: trainable set changed
+    def before_update(self, step: int) -> None: ...    # gradients final (clipped), weights not yet updated
+    def after_update(self, step: int) -> bool: ...     # weights updated, gradients held; True: evaluate
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def metrics(self) -> dict[str, float]: ...         # curves logged with train/*
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -83,6 +100,7 @@ class Result:
     train_loss: float = float("nan")
     tokens_per_s: float = 0.0
     mfu: float | None = None
+    seconds: float = 0.0  # wall-clock of the steps this call ran (evaluations included)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -103,10 +121,11 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *, dist: Dist, total_steps: int,
         d_model: int, ckpt_dir: Path | None = None, evaluate: Evaluate | None = None, log: Log | None = None,
-        flops_per_token: float | None = None) -> Result:
+        flops_per_token: float | None = None, plugin: Plugin | None = None) -> Result:
     device = dist.device
     model.to(device).train()
-    opts = optim.build(model, cfg.optim, d_model, fused=device.type == "cuda")
+    opts = optim.build(model, cfg.optim, d_model, fused=device.type == "cuda",
+                       split=plugin.split() if plugin is not None else None)
     result = Result(steps=0, tokens=0, resumed_from=None)
     start = 0
     if ckpt_dir is not None and (ckpt := checkpoint.latest(ckpt_dir)) is not None:
@@ -114,11 +133,18 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
         data.load_state_dict(state["data"])
         start, result.tokens, result.resumed_from = state["step"], state["tokens"], state["step"]
         result.evals = {int(k): v for k, v in state["evals"].items()}
+        if plugin is not None:
+            plugin.load_state_dict(state["plugin"])
         if dist.main:
             print(f"lmforge: resuming from checkpoint {ckpt} (step {start} of {total_steps})", file=sys.stderr)
-    net: nn.Module = DistributedDataParallel(model) if dist.enabled else model
-    if cfg.compile and device.type == "cuda":
-        net = torch.compile(net)
+    if plugin is not None:
+        plugin.attach(model, opts, total_steps)
+
+    def wrap() -> nn.Module:
+        net: nn.Module = DistributedDataParallel(model) if dist.enabled else model
+        return torch.compile(net) if cfg.compile and device.type == "cuda" else net
+
+    net = wrap()
     autocast = autocast_for(cfg, device)
     tokens_per_step = cfg.global_batch * cfg.seq_len
     peak = peak_flops(device)
@@ -130,13 +156,17 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
                 result.evals[step] = dict(evaluate(model))
             if emit:
                 emit({f"eval/{k}": v for k, v in result.evals[step].items()}, step)
+            if plugin is not None:
+                plugin.on_eval(step, result.evals[step])
 
     if start == 0:
         run_eval(0)
     bar = tqdm(total=total_steps, initial=start, disable=not (cfg.progress and dist.main), unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    t_start, timed_tokens = None, 0
+    t_start, timed_tokens, t0 = None, 0, time.perf_counter()
     for step in range(start, total_steps):
+        if plugin is not None and plugin.before_step(step) and dist.enabled:
+            net = wrap()  # DDP reduces the gradients of the parameters that required them when wrapped
         mult = optim.wsd(step, total_steps, cfg.schedule)
         optim.set_lr(opts, mult)
         batches = data.next_step(cfg.global_batch, cfg.micro_batch)
@@ -149,12 +179,16 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
                 with autocast:
                     loss = objective.loss(net, _to(batch, device))
                 # DDP averages gradients over processes: scale so the result is the global mean
-                (loss * (dist.world / max(n_total, 1.0))).backward()
+                if loss.requires_grad:  # False only when a plug-in froze every parameter
+                    (loss * (dist.world / max(n_total, 1.0))).backward()
             loss_sum += loss.detach()
         grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                      if cfg.grad_clip > 0 else None)
+        if plugin is not None:
+            plugin.before_update(step)
         for opt in opts:
             opt.step()
+        want_eval = plugin.after_update(step) if plugin is not None else (step + 1) % cfg.eval_every == 0
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         train_loss = all_sum([float(loss_sum)], dist)[0] / max(n_total, 1.0)
@@ -171,17 +205,19 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
             point = {"train/loss": train_loss, "train/lr_mult": mult, "train/tokens": result.tokens}
             if grad_norm is not None:
                 point["train/grad_norm"] = grad_norm
-            emit(point, step + 1)
+            emit(point | (plugin.metrics() if plugin is not None else {}), step + 1)
         bar.update(1)
         bar.set_postfix_str(f"loss {train_loss:.3f} {result.tokens_per_s:,.0f} tok/s"
                             + (f" MFU {100 * result.mfu:.1f}%" if result.mfu else ""), refresh=False)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
+        if want_eval or step + 1 == total_steps:
             run_eval(step + 1)
         if ckpt_dir is not None and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
             if dist.main:
                 checkpoint.save(ckpt_dir, step + 1, model, opts, {
                     "data": data.state_dict(), "tokens": result.tokens,
-                    "evals": {str(k): v for k, v in result.evals.items()}})
+                    "evals": {str(k): v for k, v in result.evals.items()},
+                    "plugin": plugin.state_dict() if plugin is not None else None})
             barrier(dist)
     bar.close()
+    result.seconds = time.perf_counter() - t0
     return result

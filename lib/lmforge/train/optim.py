@@ -14,6 +14,8 @@ group may also carry `lr_mult` (default 1), a hook for training plug-ins that sc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -39,25 +41,33 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
-def build(model: nn.Module, cfg: OptimConfig, d_model: int, *, fused: bool = False) -> list[torch.optim.Optimizer]:
+def build(model: nn.Module, cfg: OptimConfig, d_model: int, *, fused: bool = False,
+          split: Mapping[str, str] | None = None) -> list[torch.optim.Optimizer]:
+    """The optimizers. With `split` (parameter name -> a plug-in's group name, e.g. the
+    governor's) each role's param group is split further, one param group per split value,
+    marked `gov`, so a plug-in can scale each one's lr."""
     groups = param_groups(model)
     scale = (d_model / cfg.lr_scale_dim) ** -0.5
-    adam_groups = [
-        {"params": [p for _, p in groups[role]], "lr": lr * scale, "weight_decay": 0.0, "role": role}
-        for role, lr in (("embedding", cfg.embedding_lr), ("head", cfg.head_lr), ("scalar", cfg.scalar_lr))
-        if groups[role]
-    ]
-    matrices = [p for _, p in groups["matrix"]]
+
+    def parts(role: str, **opts: object) -> list[dict[str, object]]:
+        if split is None:
+            return [{"params": [p for _, p in groups[role]], "role": role, **opts}] if groups[role] else []
+        by: dict[str, list[nn.Parameter]] = {}
+        for name, p in groups[role]:
+            by.setdefault(split[name], []).append(p)
+        return [{"params": ps, "role": role, "gov": gov, **opts} for gov, ps in by.items()]
+
+    adam_groups = [g for role, lr in (("embedding", cfg.embedding_lr), ("head", cfg.head_lr), ("scalar", cfg.scalar_lr))
+                   for g in parts(role, lr=lr * scale, weight_decay=0.0)]
     opts: list[torch.optim.Optimizer] = []
-    if cfg.matrix == "adamw" and matrices:
-        adam_groups.append({"params": matrices, "lr": cfg.matrix_lr, "weight_decay": cfg.weight_decay, "role": "matrix"})
+    if cfg.matrix == "adamw":
+        adam_groups += parts("matrix", lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
     extra = {"fused": True} if fused else {"foreach": False}  # foreach=False: same kernels every run
     if adam_groups:
         opts.append(torch.optim.AdamW(adam_groups, betas=cfg.betas, eps=cfg.eps, **extra))
-    if cfg.matrix == "muon" and matrices:
-        opts.append(torch.optim.Muon([{"params": matrices, "role": "matrix"}], lr=cfg.matrix_lr,
-                                     weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                                     adjust_lr_fn="original"))
+    if cfg.matrix == "muon" and groups["matrix"]:
+        opts.append(torch.optim.Muon(parts("matrix"), lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                     momentum=cfg.muon_momentum, adjust_lr_fn="original"))
     for opt in opts:
         for g in opt.param_groups:
             g["peak_lr"] = g["lr"]

@@ -1,0 +1,269 @@
+"""The governor: state changes at exactly the expected steps, real freezing in the training
+loop, optimizer state kept across freeze -> awaken, the budget invariant, resume."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.model import GPT, ModelConfig
+from lmforge.tokens import TokenSplit
+from lmforge.train import optim
+from lmforge.train.config import OptimConfig, TrainConfig
+from lmforge.train.data import PackedRows
+from lmforge.train.dist import Dist
+from lmforge.train.evaluate import bits_per_byte
+from lmforge.train.governor import (
+    ACTIVE,
+    AWAKENED,
+    CONVERGED,
+    COOLING,
+    FROZEN,
+    PENDING,
+    Governor,
+    GovernorConfig,
+    allocate,
+)
+from lmforge.train.groups import GroupSpec, partition
+from lmforge.train.loop import LM, fit
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+VOCAB = 64
+CPU = Dist(0, 1, 0, torch.device("cpu"))
+SPECS = [GroupSpec(name="a", level=0, patterns=["model.embed_tokens.*", "*norm.weight"]),
+         GroupSpec(name="b", level=0, patterns=["lm_head.*"]),
+         GroupSpec(name="c", level=1, patterns=["model.layers.*.self_attn.*"]),
+         GroupSpec(name="d", level=2, patterns=["model.layers.*.mlp.*"])]
+
+
+def gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig.from_depth(2, VOCAB, aspect_ratio=32, head_dim=16, max_seq_len=32))
+
+
+def governor(model: GPT, **cfg: Any) -> Governor:
+    return Governor(GovernorConfig(**cfg), partition(model, SPECS))
+
+
+def attach(gov: Governor, model: GPT, total: int = 1000) -> list[torch.optim.Optimizer]:
+    opts = optim.build(model, OptimConfig(matrix="adamw"), model.config.d_model, split=gov.split())
+    gov.attach(model, opts, total)
+    return opts
+
+
+def set_grads(gov: Governor, norms: dict[str, float]) -> None:
+    """Give each trainable group a gradient of exactly the given norm."""
+    for g in gov.groups:
+        params = gov._params[g.name]
+        n = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = (torch.full_like(p, norms[g.name] / math.sqrt(n)) if p.requires_grad else None)
+
+
+def drive(gov: Governor, norms: Any, steps: range) -> None:
+    for step in steps:
+        gov.before_step(step)
+        set_grads(gov, {g.name: norms(step, g.name) for g in gov.groups})
+        gov.before_update(step)
+        gov.after_update(step)
+
+
+def transitions(gov: Governor) -> list[tuple[int, str, str, str]]:
+    return [(e["step"], e["group"], e["old"], e["new"]) for e in gov.events]
+
+
+def test_transitions_happen_at_exactly_the_expected_steps() -> None:
+    """EMA decay 0: the EMA is the latest norm, so every state change is predictable."""
+    model = gpt()
+    gov = governor(model, ema_decay=0.0, ref_steps=2, cool_ratio=0.8, converge_ratio=0.5, window=3,
+                   awaken_tol=0.01, awaken_steps=2, force_at=[1.0, 1.0, 1.0], eval_cap=100, eval_window=1)
+    attach(gov, model)
+    assert {k: v.state for k, v in gov.states.items()} == {"a": ACTIVE, "b": ACTIVE, "c": PENDING, "d": PENDING}
+
+    def norms(step: int, group: str) -> float:
+        if group == "a":
+            return 1.0 if step < 2 else 0.7 if step < 5 else 0.4
+        if group == "b":
+            return 1.0 if step < 2 else 0.7 if step < 5 else 0.9 if step == 5 else 0.4
+        return 1.0
+
+    drive(gov, norms, range(12))
+    assert transitions(gov) == [
+        (5, "a", ACTIVE, COOLING),       # ref 1.0 after 2 steps; 0.7 < 0.8 on steps 2, 3, 4
+        (5, "b", ACTIVE, COOLING),
+        (5, "c", PENDING, ACTIVE),       # every level-0 group cooled: level 1 starts
+        (6, "b", COOLING, ACTIVE),       # 0.9 >= 0.8 on step 5
+        (8, "a", COOLING, CONVERGED),    # 0.4 < 0.5 on steps 5, 6, 7
+        (9, "b", ACTIVE, COOLING),       # 0.4 < 0.8 on steps 6, 7, 8
+        (12, "b", COOLING, CONVERGED),   # 0.4 < 0.5 on steps 9, 10, 11
+    ]
+    assert gov.events[2]["signals"]["reason"] == "cooled"
+    assert all(not p.requires_grad for name in ("a", "b") for p in gov._params[name])
+    assert all(p.requires_grad for p in gov._params["c"]) and gov.states["d"].state == PENDING
+    # a validation regression awakens the group that converged last (b), not a
+    gov.on_eval(12, {"val_loss": 2.0})
+    gov.on_eval(12, {"val_loss": 2.01})  # within awaken_tol: nothing
+    gov.on_eval(12, {"val_loss": 2.1})
+    assert transitions(gov)[-1] == (12, "b", CONVERGED, AWAKENED)
+    assert gov.events[-1]["signals"]["val_loss"] == 2.1 and gov.events[-1]["signals"]["best_val_loss"] == 2.0
+    assert all(p.requires_grad for p in gov._params["b"]) and gov.states["a"].state == CONVERGED
+    drive(gov, norms, range(12, 14))
+    assert transitions(gov)[-1] == (14, "b", AWAKENED, ACTIVE)  # after awaken_steps = 2
+    assert all(s <= 1.0 + 1e-12 for s in gov.budget_sums) and len(gov.budget_sums) == 14
+
+
+def test_levels_start_at_their_forced_fractions() -> None:
+    model = gpt()
+    gov = governor(model, cool_ratio=0.01, converge_ratio=0.01, force_at=[0.25, 0.5, 0.5])
+    attach(gov, model, total=20)
+    drive(gov, lambda step, group: 1.0, range(20))
+    assert [(e["step"], e["group"]) for e in gov.events] == [(5, "c"), (10, "d")]
+    assert all(e["signals"]["reason"] == "forced" and e["new"] == ACTIVE for e in gov.events)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_allocate_keeps_floor_ceiling_and_budget(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    budget = rng.uniform(0.5, 2.0)
+    floor = rng.uniform(0, budget / n)
+    ceiling = rng.uniform(max(floor, budget / n * 0.5), budget)
+    needs = {f"g{i}": rng.choice([0.0, rng.uniform(0, 5), rng.uniform(0, 0.01)]) for i in range(n)}
+    shares = allocate(needs, budget, floor, ceiling)
+    assert sum(shares.values()) <= budget * (1 + 1e-12)
+    assert all(floor - 1e-12 <= s <= ceiling + 1e-12 for s in shares.values()), (shares, floor, ceiling)
+    # the whole budget is shared out, unless every group with a need is at the ceiling
+    needy = [g for g, v in needs.items() if v > 0] or list(needs)
+    assert sum(shares.values()) == pytest.approx(budget) or all(shares[g] == pytest.approx(ceiling) for g in needy)
+    # more need, no smaller share
+    order = sorted(needs, key=needs.get)
+    assert all(shares[a] <= shares[b] + 1e-12 for a, b in zip(order, order[1:], strict=False))
+
+
+def test_bad_governor_settings_are_refused() -> None:
+    for kw, msg in [({"cool_ratio": 1.5}, "cool_ratio must be in"), ({"converge_ratio": 0.9}, "converge_ratio must"),
+                    ({"ema_decay": 1.0}, "ema_decay"), ({"force_at": [0.5, 0.2, 0.9]}, "must not decrease"),
+                    ({"share_floor": 0.7}, "share_floor"), ({"window": 0}, "window must be >= 1")]:
+        with pytest.raises(ValueError, match=msg):
+            GovernorConfig(**kw)
+    model = gpt()
+    gov = governor(model, share_floor=0.3)  # 4 groups x 0.3 > budget 1.0
+    with pytest.raises(ConfigError, match="share_floor 0.3 x 4 groups exceeds budget"):
+        attach(gov, model)
+
+
+# --- in the training loop ------------------------------------------------------------------------
+
+def split(seed: int = 0, n_docs: int = 200) -> TokenSplit:
+    rng = np.random.default_rng(seed)
+    docs = [np.concatenate([[0], rng.integers(1, VOCAB, rng.integers(8, 40))]) for _ in range(n_docs)]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    return TokenSplit(tokens=np.concatenate(docs).astype(np.uint16), offsets=offsets, index={}, bos_id=0)
+
+
+def train(model: GPT, plugin: Governor | None, steps: int, ckpt_dir: Any = None, **kw: Any) -> Any:
+    cfg = TrainConfig(seq_len=16, micro_batch=4, global_batch=8, steps=steps, progress=False, ckpt_every=5, **kw)
+    rows = PackedRows(split(seed=1), 16, seed=1).take(4)
+    return fit(model, LM, PackedRows(split(), 16, seed=3), cfg, dist=CPU, total_steps=steps,
+               d_model=model.config.d_model, ckpt_dir=ckpt_dir, plugin=plugin,
+               evaluate=lambda m: bits_per_byte(m, rows, np.ones(VOCAB, dtype=np.int64), CPU, micro_batch=4))
+
+
+class Spy(Governor):
+    """The real governor, plus checks after every backward, and forced state changes."""
+
+    def __init__(self, *args: Any, force: dict[int, tuple[str, str]] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.force = force or {}
+        self.seen: dict[int, dict[str, Any]] = {}
+
+    def before_update(self, step: int) -> None:
+        for g in self.groups:
+            frozen = self.states[g.name].state in FROZEN
+            for p in self._params[g.name]:
+                assert (p.grad is None) == frozen, (step, g.name)  # frozen: autograd computed nothing
+        super().before_update(step)
+
+    def after_update(self, step: int) -> bool:
+        want = super().after_update(step)
+        if step + 1 in self.force:
+            group, state = self.force[step + 1]
+            self._move(group, state, step + 1)
+            self.apply()
+            opt_state = {id(p): {k: v.clone() for k, v in self.opts_state(p).items()} for p in self._params[group]}
+            self.seen[step + 1] = {"bytes": [p.detach().clone() for p in self._params[group]], "opt": opt_state}
+        return want
+
+    def opts_state(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        return {k: v for opt in self._opts for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+
+    def attach(self, model: torch.nn.Module, opts: list[torch.optim.Optimizer], total_steps: int) -> None:
+        self._opts = opts
+        super().attach(model, opts, total_steps)
+
+
+def test_frozen_groups_get_no_gradient_and_keep_their_bytes() -> None:
+    """Levels 1-2 stay PENDING (never forced) and the head is frozen at step 4: no gradient is
+    ever computed for them (Spy checks after every backward) and their bytes never change."""
+    model = gpt()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gov = Spy(GovernorConfig(force_at=[1.0, 1.0, 1.0], awaken_tol=10.0), partition(model, SPECS), force={4: ("b", CONVERGED)})
+    train(model, gov, steps=12)
+    after = dict(model.named_parameters())
+    for name in [n for g in gov.groups if g.name in ("c", "d") for n in g.params]:
+        assert torch.equal(after[name], start[name]), name
+    assert torch.equal(after["lm_head.weight"], gov.seen[4]["bytes"][0])
+    assert not torch.equal(after["lm_head.weight"], start["lm_head.weight"])  # it trained before step 4
+    assert not torch.equal(after["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("matrix", ["muon", "adamw"])
+def test_optimizer_state_survives_freeze_and_awaken(matrix: str) -> None:
+    model = gpt()
+    gov = Spy(GovernorConfig(force_at=[0.0, 0.0, 0.0], awaken_steps=100, awaken_tol=10.0), partition(model, SPECS),
+              force={3: ("d", CONVERGED), 7: ("d", AWAKENED)})
+    train(model, gov, steps=9, optim=OptimConfig(matrix=matrix))
+    frozen, woken = gov.seen[3]["opt"], gov.seen[7]["opt"]
+    assert frozen and frozen.keys() == woken.keys()
+    for pid in frozen:
+        assert frozen[pid].keys() == woken[pid].keys()
+        for k in frozen[pid]:
+            assert torch.equal(frozen[pid][k], woken[pid][k]), k  # untouched while frozen, not reset
+    # trained again after awakening: its moments moved on from where they were
+    p = gov._params["d"][0]
+    moment = "momentum_buffer" if matrix == "muon" else "exp_avg"
+    assert not torch.equal(gov.opts_state(p)[moment], frozen[id(p)][moment])
+    if matrix == "adamw":
+        assert float(gov.opts_state(p)["step"]) == float(frozen[id(p)]["step"]) + 2  # steps 8 and 9 only
+
+
+def test_budget_invariant_holds_on_every_step_of_a_real_run() -> None:
+    model = gpt()
+    gov = Governor(GovernorConfig(ema_decay=0.5, ref_steps=2, cool_ratio=0.95, converge_ratio=0.9, window=2,
+                                  share_floor=0.05, share_ceiling=0.4, force_at=[0.1, 0.2, 0.3]),
+                   partition(model, SPECS))
+    train(model, gov, steps=30)
+    assert len(gov.budget_sums) == 30
+    assert all(0 < s <= gov.cfg.budget * (1 + 1e-12) for s in gov.budget_sums)
+    assert 0 < gov.skipped_fraction < 1
+
+
+def test_a_resumed_governed_run_equals_an_uninterrupted_one(tmp_path: Any) -> None:
+    cfg = GovernorConfig(ema_decay=0.5, ref_steps=2, cool_ratio=0.98, converge_ratio=0.95, window=2,
+                         force_at=[0.1, 0.2, 0.3])
+    m1 = gpt()
+    g1 = Governor(cfg, partition(m1, SPECS))
+    train(m1, g1, steps=20, ckpt_dir=tmp_path)  # leaves checkpoints at steps 5, 10, 15
+    m2 = gpt()
+    g2 = Governor(cfg, partition(m2, SPECS))
+    result = train(m2, g2, steps=20, ckpt_dir=tmp_path)
+    assert result.resumed_from == 15
+    assert g2.events == g1.events and g2.budget_sums == g1.budget_sums and g1.events
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
