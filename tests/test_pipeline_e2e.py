@@ -9,7 +9,10 @@ chain verifies.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -138,3 +141,24 @@ def test_cut_tail_with_rewritten_head_is_caught_by_the_mlflow_anchor(repo: Path,
     assert run(repo, "lmforge", "audit", "verify", "--log", log).returncode == 0  # locally consistent
     proc = run(repo, "lmforge", "audit", "verify", "--log", log, "--mlflow", check=False)
     assert proc.returncode == 1 and "BROKEN" in proc.stderr and "anchor" in proc.stderr
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda g: g["groups"][4].update(patterns=["lm_head.bias"]),
+     "govern.groups[4] (head): pattern 'lm_head.bias' matches no parameter"),
+    (lambda g: g["groups"].append({"name": "extra", "level": 1, "patterns": ["model.layers.0.mlp.*"]}),
+     "parameter 'model.layers.0.mlp.gate_proj.weight' is in 2 groups (mlp, extra)"),
+    (lambda g: g["governor"].update(cool_ratio=1.5), "govern.governor: cool_ratio must be in (0, 1] (got 1.5)"),
+], ids=["pattern-matches-nothing", "overlapping-groups", "threshold-out-of-range"])
+def test_bad_govern_params_stop_the_stage_naming_the_problem(repo: Path, tmp_path: Path,
+                                                            edit: Callable[[dict[str, Any]], None],
+                                                            message: str) -> None:
+    bad = shutil.copytree(repo, tmp_path / "bad", symlinks=True)
+    params = yaml.safe_load((bad / "params.yaml").read_text())
+    edit(params["govern"])
+    (bad / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (bad / "data/govern/metrics.json").read_bytes()
+    proc = run(bad, "python", "-m", "stages.govern", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert (bad / "data/govern/metrics.json").read_bytes() == before  # the published outputs are untouched

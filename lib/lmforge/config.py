@@ -70,6 +70,8 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel], where: s
             lines.append(f"{key}: unknown key; allowed keys here: {', '.join(allowed)}")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif e["type"] == "value_error":  # our own validators: the message names the value already
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid params:\n  " + "\n  ".join(lines)
