@@ -144,7 +144,7 @@ def test_cut_tail_with_rewritten_head_is_caught_by_the_mlflow_anchor(repo: Path,
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda g: g["groups"][4].update(patterns=["lm_head.bias"]),
+    (lambda g: g["groups"][4].update(patterns=["lm_head.weight", "lm_head.bias"]),
      "govern.groups[4] (head): pattern 'lm_head.bias' matches no parameter"),
     (lambda g: g["groups"].append({"name": "extra", "level": 1, "patterns": ["model.layers.0.mlp.*"]}),
      "parameter 'model.layers.0.mlp.gate_proj.weight' is in 2 groups (mlp, extra)"),

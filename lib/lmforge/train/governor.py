@@ -167,7 +167,7 @@ class Governor:
 
     def attach(self, model: nn.Module, opts: list[torch.optim.Optimizer], total_steps: int) -> None:
         if self.cfg.share_floor * len(self.groups) > self.cfg.budget:
-            raise ConfigError(f"governor: share_floor {self.cfg.share_floor} x {len(self.groups)} groups exceeds "
+            raise ConfigError(f"govern.governor: share_floor {self.cfg.share_floor} x {len(self.groups)} groups exceeds "
                               f"budget {self.cfg.budget}; lower share_floor")
         named = dict(model.named_parameters())
         self._params = {g.name: [named[n] for n in g.params] for g in self.groups}
