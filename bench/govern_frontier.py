@@ -88,7 +88,8 @@ def render(rows: list[dict[str, Any]], p: argparse.Namespace) -> str:
               "every seed.",
               "- settings (overrides of params.yaml: govern.governor): "
               + "; ".join(f"{k}: {json.dumps(v) if v else 'as in params.yaml'}" for k, v in SETTINGS.items()),
-              f"- Regenerate: `.venv/bin/python bench/govern_frontier.py --steps {p.steps} --seeds {p.seeds}`."]
+              f"- Regenerate: `.venv/bin/python bench/govern_frontier.py --steps {p.steps} --seeds {p.seeds} --settings "
+              + " ".join(f"'{s}'" for s in p.settings) + "`."]
     return "\n".join(lines) + "\n"
 
 
