@@ -39,9 +39,10 @@ GOAL_SKIPPED, GOAL_LOSS = 0.25, 0.01
 # Governor settings (overrides of params.yaml: govern.governor), gentlest first.
 SETTINGS: dict[str, dict[str, Any]] = {
     "params.yaml": {},
+    "loss-weighted budget": {"loss_weight": 0.5},
     "no hierarchy": {"force_at": [0.0, 0.0, 0.0]},
-    "moderate": {"cool_ratio": 0.9, "converge_ratio": 0.8, "force_at": [0.05, 0.1, 0.15]},
-    "eager": {"cool_ratio": 0.95, "converge_ratio": 0.9, "window": 3, "force_at": [0.05, 0.1, 0.15]},
+    "short hierarchy": {"force_at": [0.15, 0.3, 0.45]},
+    "eager": {"cool_ratio": 0.95, "converge_ratio": 0.9, "window": 3},
 }
 
 
@@ -121,7 +122,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--out", type=Path, default=RESULTS / "govern_frontier.md")

@@ -61,11 +61,11 @@ class GovernorConfig(Config):
     window: int = 5
     awaken_tol: float = 0.01        # val loss > best x (1 + awaken_tol): latest converged groups awaken
     awaken_steps: int = 10          # AWAKENED -> ACTIVE after this many steps
-    force_at: list[float] = [0.1, 0.2, 0.3]  # fraction of the steps by which L1, L2, L3 start
+    force_at: list[float] = [0.2, 0.4, 0.6]  # fraction of the steps by which L1, L2, L3 start
     budget: float = 1.0
     share_floor: float = 0.02
     share_ceiling: float = 0.6
-    loss_weight: float = 0.5        # need = gradient ratio + loss_weight x loss contribution / mean
+    loss_weight: float = 0.0        # need = gradient ratio + loss_weight x loss contribution / mean
     eval_cap: int = 2               # change-triggered evaluations per eval_window steps, at most
     eval_window: int = 50
 
