@@ -63,6 +63,15 @@ SPLIT_PATTERN = (
 NAMED_SPECIALS = ("bos", "user_start", "user_end", "assistant_start", "assistant_end", "system_start", "system_end")
 BOS = "<|bos|>"
 BOS_ID = 0
+# The chat format of lmforge.chat.render as a Jinja template for transformers'
+# apply_chat_template (which renders it, then encodes the string without adding BOS).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}"
+)
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 MAX_UINT16_VOCAB = 1 << 16
@@ -213,6 +222,8 @@ def save(tok: Tokenizer, directory: str | Path, *, model_max_length: int = 1024)
         "model_max_length": model_max_length,
         # transformers would otherwise "clean" spaces before punctuation on decode.
         "clean_up_tokenization_spaces": False,
+        # apply_chat_template renders conversations as lmforge.chat.render does (tested)
+        "chat_template": CHAT_TEMPLATE,
     }
     with atomic_path(directory) as tmp:
         tmp.mkdir()
