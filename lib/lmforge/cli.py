@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.set_defaults(func=_cmd_generate)
 
+    from .chat_cli import add_parser as add_chat
+
+    add_chat(sub)
+
     pr = sub.add_parser("profile", help="apply a profile (profiles/<name>.yaml) onto params.yaml")
     psub = pr.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
     pa = psub.add_parser("apply", help="deep-merge a profile's overrides into params.yaml (atomically)")

@@ -24,7 +24,7 @@ default at `<|bos|>` (a new document) and `<|assistant_end|>`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import tiktoken
 import torch
@@ -122,10 +122,21 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     `vocab_size` restricts sampling to ids below it (a model's vocabulary may be larger than
     its tokenizer's). The model is put in eval mode; nothing is recorded for autograd.
     """
-    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, vocab_size)
     out: list[list[int]] = [[] for _ in prompts]
+    for row, token in steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_tokens=stop_tokens, seed=seed, use_cache=use_cache, vocab_size=vocab_size):
+        out[row].append(token)
+    return out
+
+
+def steps(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
+          top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
+          seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None) -> Iterator[tuple[int, int]]:
+    """`generate` as a stream: (row, token) for each new token as it is sampled, step by step
+    (rows in order within a step). Each step runs under inference mode, none across a yield."""
+    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, vocab_size)
     if max_new_tokens == 0:
-        return out
+        return
     model.eval()
     stops, done = set(stop_tokens), [False] * len(prompts)
     generator = torch.Generator(device=model.lm_head.weight.device)
@@ -135,21 +146,22 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
         generator.manual_seed(seed)
     with torch.inference_mode():
         logits, step = _cached(model, prompts, max_new_tokens) if use_cache else _uncached(model, prompts)
-        for i in range(max_new_tokens):
+    for i in range(max_new_tokens):
+        with torch.inference_mode():
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
             tokens = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            for row, token in enumerate(tokens.tolist()):
-                if done[row]:
-                    continue
-                if token in stops:
-                    done[row] = True
-                else:
-                    out[row].append(token)
-            if all(done) or i == max_new_tokens - 1:
-                break
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stops:
+                done[row] = True
+            else:
+                yield row, token
+        if all(done) or i == max_new_tokens - 1:
+            break
+        with torch.inference_mode():
             logits = step(tokens)
-    return out
 
 
 def encode_prompt(encoder: tiktoken.Encoding, text: str) -> list[int]:

@@ -146,8 +146,13 @@ class PackedRows:
     """Step batches of packed rows for one process, with a resumable position."""
 
     def __init__(self, split: TokenSplit, seq_len: int, *, seed: int, shuffle: bool = True,
-                 rank: int = 0, world: int = 1, buffer: int = 256):
+                 rank: int = 0, world: int = 1, buffer: int = 256, mask: np.ndarray | None = None):
+        """`mask` (bool, one per token of `split`): train only on targets whose token is True
+        there (chat SFT: the assistant's tokens); the others get target -1."""
+        if mask is not None and len(mask) != len(split.tokens):
+            raise ValueError(f"mask has {len(mask)} entries for {len(split.tokens)} tokens")
         self.split, self.row_len, self.seed, self.shuffle = split, seq_len + 1, seed, shuffle
+        self.mask = mask
         self.rank, self.world, self.buffer = rank, world, buffer
         self.epoch, self.row = 0, 0
         self._plans: dict[int, Plan] = {}
@@ -163,10 +168,11 @@ class PackedRows:
                                     f"({int(self.split.offsets[-1])} in all; fix: lower train.seq_len or add data)")
         return self._plans[epoch]
 
-    def rows(self, plan: Plan, first: int, count: int) -> np.ndarray:
-        """Rows first..first+count-1 of `plan` as an int64 array (count, row_len)."""
-        out = np.empty((count, self.row_len), dtype=np.int64)
-        tokens = self.split.tokens
+    def rows(self, plan: Plan, first: int, count: int, source: np.ndarray | None = None) -> np.ndarray:
+        """Rows first..first+count-1 of `plan` as an int64 array (count, row_len); with `source`
+        (an array parallel to the tokens, e.g. the mask), those entries instead, in its dtype."""
+        tokens = self.split.tokens if source is None else source
+        out = np.empty((count, self.row_len), dtype=np.int64 if source is None else source.dtype)
         for i in range(count):
             a, b = plan.row_ptr[first + i], plan.row_ptr[first + i + 1]
             pos = 0
@@ -177,26 +183,36 @@ class PackedRows:
 
     def take(self, count: int) -> np.ndarray:
         """The next `count` rows of the global stream (all processes), crossing epochs."""
-        parts = []
+        return self.take_masked(count)[0]
+
+    def take_masked(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """`take`, and with a mask the rows' mask (else None)."""
+        parts, keeps = [], []
         while count:
             plan = self.plan(self.epoch)
             n = min(count, plan.n_rows - self.row)
             parts.append(self.rows(plan, self.row, n))
+            if self.mask is not None:
+                keeps.append(self.rows(plan, self.row, n, self.mask))
             self.row += n
             count -= n
             if self.row == plan.n_rows:
                 self.epoch, self.row = self.epoch + 1, 0
-        return np.concatenate(parts)
+        return np.concatenate(parts), (np.concatenate(keeps) if keeps else None)
 
     def next_step(self, global_batch: int, micro_batch: int) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches of the next optimizer step."""
         if global_batch % (micro_batch * self.world):
             raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch x processes "
                              f"({micro_batch} x {self.world})")
-        rows = self.take(global_batch)
+        rows, keep = self.take_masked(global_batch)
         per_rank = global_batch // self.world
-        mine = torch.from_numpy(rows[self.rank * per_rank:(self.rank + 1) * per_rank])
-        return [{"inputs": mb[:, :-1], "targets": mb[:, 1:]} for mb in mine.split(micro_batch)]
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        inputs = torch.from_numpy(rows[mine])
+        # a masked token is still read as input, only never predicted
+        targets = inputs if keep is None else torch.from_numpy(np.where(keep[mine], rows[mine], -1))
+        return [{"inputs": x[:, :-1], "targets": y[:, 1:]}
+                for x, y in zip(inputs.split(micro_batch), targets.split(micro_batch), strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "row": self.row, "seed": self.seed, "row_len": self.row_len}

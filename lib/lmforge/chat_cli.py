@@ -1,0 +1,103 @@
+"""`lmforge chat --model DIR`: a streaming terminal chat over any model directory whose tokenizer
+carries a chat template (data/sft/model, data/rl/model, ...).
+
+Each line you type is a user turn; the reply streams as it is sampled, rendered with the same
+chat format as training (lmforge.chat). `/reset` starts over, `/exit` or end of input leaves.
+When the conversation outgrows the context, the oldest turns are dropped (the system turn stays).
+Reads stdin, so `printf 'What is 2 + 3?\\n' | lmforge chat --model data/sft/model --seed 0` works
+in scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+from typing import TextIO
+
+import torch
+
+from .chat import Turns, prompt_ids
+from .engine import DEFAULT_STOPS, GenerationError, steps
+from .errors import InputError
+from .tokenizer import CONFIG_FILE, load_encoder
+from .weights import load_model, tokenizer_path
+
+
+def _require_template(model_dir: str) -> None:
+    path = tokenizer_path(model_dir) / CONFIG_FILE
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"cannot read the tokenizer config ({e})", fix="point --model at a model directory") from None
+    if not template:
+        raise InputError(path, "the tokenizer has no chat template, so the model was not trained to chat",
+                         fix="use a chat model (data/sft/model or data/rl/model), or re-run the tokenizer stage")
+
+
+def fit_context(turns: Turns, render_len: int, max_seq_len: int, max_new_tokens: int) -> Turns:
+    """Drop the oldest user/assistant exchanges until the prompt leaves room for the reply."""
+    if render_len + max_new_tokens <= max_seq_len:
+        return turns
+    system = [t for t in turns[:1] if t[0] == "system"]
+    rest = turns[len(system):]
+    return system + rest[2:] if len(rest) > 1 else turns
+
+
+def chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    _require_template(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_model(args.model, device=device)
+    enc = load_encoder(tokenizer_path(args.model))
+    interactive = stdin.isatty()
+    turns: Turns = [("system", args.system)] if args.system else []
+    seed = args.seed
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            turns = turns[:1] if turns and turns[0][0] == "system" else []
+            continue
+        if not text.strip():
+            continue
+        turns.append(("user", text))
+        while True:
+            prompt = prompt_ids(enc, turns)
+            shorter = fit_context(turns, len(prompt), model.config.max_seq_len, args.max_new_tokens)
+            if shorter is turns:
+                break
+            turns = shorter
+        if len(prompt) + args.max_new_tokens > model.config.max_seq_len:
+            raise GenerationError(f"this message alone ({len(prompt)} tokens) and --max-new-tokens "
+                                  f"{args.max_new_tokens} exceed the model's context of {model.config.max_seq_len}")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        reply = []
+        for _, token in steps(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, stop_tokens=DEFAULT_STOPS, seed=seed, vocab_size=enc.n_vocab):
+            reply.append(token)
+            stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
+            stdout.flush()
+        stdout.write(decoder.decode(b"", final=True) + "\n")
+        stdout.flush()
+        turns.append(("assistant", enc.decode(reply)))
+        if seed is not None:
+            seed += 1  # a new draw per reply, the same conversation every run
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("chat", help="chat with a model in the terminal, the reply streaming as it is sampled")
+    c.add_argument("--model", required=True, help="model directory with a chat template (e.g. data/sft/model)")
+    c.add_argument("--system", default=None, help="a system turn to start every conversation with")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default: %(default)s)")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: %(default)s)")
+    c.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: %(default)s)")
+    c.add_argument("--top-p", type=float, default=None, help="sample among the tokens holding this much mass")
+    c.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible conversation")
+    c.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    c.set_defaults(func=lambda args: chat(args))
