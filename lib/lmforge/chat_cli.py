@@ -19,7 +19,7 @@ from typing import TextIO
 import torch
 
 from .chat import Turns, prompt_ids
-from .engine import DEFAULT_STOPS, GenerationError, steps
+from .engine import DEFAULT_STOPS, GenerationError, add_sampling_args, steps
 from .errors import InputError
 from .tokenizer import CONFIG_FILE, load_encoder
 from .weights import load_model, tokenizer_path
@@ -95,9 +95,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", required=True, help="model directory with a chat template (e.g. data/sft/model)")
     c.add_argument("--system", default=None, help="a system turn to start every conversation with")
     c.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default: %(default)s)")
-    c.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: %(default)s)")
-    c.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: %(default)s)")
-    c.add_argument("--top-p", type=float, default=None, help="sample among the tokens holding this much mass")
-    c.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible conversation")
-    c.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_sampling_args(c, temperature=0.7, top_k=50)
     c.set_defaults(func=lambda args: chat(args))

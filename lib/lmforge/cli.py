@@ -61,6 +61,9 @@ def _cmd_profile_apply(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .chat_cli import add_parser as add_chat
+    from .engine import add_sampling_args
+
     p = argparse.ArgumentParser(
         prog="lmforge",
         description="Raw text to a released language model through one reproducible, auditable DAG. "
@@ -106,15 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="text to continue (encoded after <|bos|>)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per sample (default: %(default)s)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="sample among the tokens holding this much mass")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
     g.add_argument("--num-samples", type=int, default=1, help="continuations to print (default: %(default)s)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_sampling_args(g, temperature=1.0, top_k=None)
     g.set_defaults(func=_cmd_generate)
-
-    from .chat_cli import add_parser as add_chat
 
     add_chat(sub)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from .digest import sha256_json
 from .errors import ConfigError
@@ -29,6 +29,15 @@ class Config(BaseModel):
 
 class StageConfig(Config):
     """Base for a stage's section of params.yaml."""
+
+
+def non_empty(what: str) -> AfterValidator:
+    """For `Annotated[list[X], non_empty("X")]`: an empty list is an error saying what to list."""
+    def check(v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError(f"list at least one {what}")
+        return v
+    return AfterValidator(check)
 
 
 def _loc(prefix: str, loc: tuple[Any, ...]) -> str:

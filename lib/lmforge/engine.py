@@ -177,6 +177,15 @@ def complete(model: GPT, encoder: tiktoken.Encoding, text: str, max_new_tokens: 
     return encoder.decode(row)
 
 
+def add_sampling_args(p: argparse.ArgumentParser, *, temperature: float, top_k: int | None) -> None:
+    """The sampling options `lmforge generate` and `lmforge chat` share."""
+    p.add_argument("--temperature", type=float, default=temperature, help="0 for greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=top_k, help="sample among the k most likely tokens (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the tokens holding this much mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
 def cli_generate(args: argparse.Namespace) -> int:
     """`lmforge generate`: print continuations of a prompt from a model directory."""
     from .tokenizer import load_encoder

@@ -25,15 +25,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import field_validator
 
 from .atomic import write_text
 from .chat import qa_turns, render
-from .config import Config, StageConfig
+from .config import Config, StageConfig, non_empty
 from .context import RunContext
 from .errors import ConfigError, InputError
 from .model import GPT
@@ -55,17 +54,10 @@ class MidtrainConfig(Config):
 
 
 class GovernConfig(StageConfig):
-    groups: list[GroupSpec]
+    groups: Annotated[list[GroupSpec], non_empty("parameter group")]
     governor: GovernorConfig = GovernorConfig()
     midtrain: MidtrainConfig = MidtrainConfig()
     train: TrainConfig
-
-    @field_validator("groups")
-    @classmethod
-    def _some(cls, v: list[GroupSpec]) -> list[GroupSpec]:
-        if not v:
-            raise ValueError("list at least one parameter group")
-        return v
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ from pydantic import field_validator
 
 from .atomic import write_bytes
 from .chat import prompt_ids, qa_turns, render
-from .config import Config, StageConfig
+from .config import Config, StageConfig, non_empty
 from .context import RunContext
 from .data import mathgen
 from .data.chats import ChatSet, Conversation, assert_disjoint, build, from_table, table
@@ -46,7 +46,7 @@ from .weights import load_model, save_model
 
 class SFTData(Config):
     seed: int = 7
-    sets: list[ChatSet]
+    sets: Annotated[list[ChatSet], non_empty("conversation set")]
     heldout_fraction: float = 0.1   # share of prompts (by hash) held out
 
     @field_validator("heldout_fraction")
@@ -54,13 +54,6 @@ class SFTData(Config):
     def _fraction(cls, v: float) -> float:
         if not 0.0 < v < 1.0:
             raise ValueError(f"must be between 0 and 1, exclusive (got {v})")
-        return v
-
-    @field_validator("sets")
-    @classmethod
-    def _some(cls, v: list[ChatSet]) -> list[ChatSet]:
-        if not v:
-            raise ValueError("list at least one conversation set")
         return v
 
 
