@@ -59,6 +59,30 @@ def test_outputs_and_metrics(repo: Path) -> None:
     governance = json.loads((repo / "data/govern/governance.json").read_text())
     assert governance["budget"]["max_sum"] <= governance["budget"]["budget"]
     assert governance["budget"]["steps_checked"] == gov["steps"]
+    sft = json.loads((repo / "data/sft/metrics.json").read_text())
+    assert sft["heldout_loss_after"] < sft["heldout_loss_before"], sft  # SFT lowers held-out assistant loss
+    assert sft["heldout_accuracy_n"] > 0 and sft["conversations"]["heldout"] > 0, sft
+    chat_cfg = json.loads((repo / "data/sft/model/tokenizer/tokenizer_config.json").read_text())
+    assert "chat_template" in chat_cfg
+
+
+def test_bad_conversation_file_stops_sft_naming_the_line(repo: Path, tmp_path: Path) -> None:
+    bad = shutil.copytree(repo, tmp_path / "bad", symlinks=True)
+    (bad / "chats").mkdir()
+    (bad / "chats" / "mine.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}\n'
+        '{"messages": [{"role": "user", "content": "Anyone there?"}]}\n', encoding="utf-8")
+    dvc = yaml.safe_load((bad / "dvc.yaml").read_text())
+    dvc["stages"]["sft"]["deps"].append("chats")  # how a user declares their file
+    (bad / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    params = yaml.safe_load((bad / "params.yaml").read_text())
+    params["sft"]["data"]["sets"].append({"name": "mine", "kind": "jsonl", "path": "chats/mine.jsonl"})
+    (bad / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (bad / "data/sft/metrics.json").read_bytes()
+    proc = run(bad, "python", "-m", "stages.sft", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "chats/mine.jsonl:2: the conversation has no assistant turn" in proc.stderr, proc.stderr[-2000:]
+    assert (bad / "data/sft/metrics.json").read_bytes() == before
 
 
 def test_second_repro_runs_nothing(repo: Path) -> None:
