@@ -64,6 +64,10 @@ def test_outputs_and_metrics(repo: Path) -> None:
     assert sft["heldout_accuracy_n"] > 0 and sft["conversations"]["heldout"] > 0, sft
     chat_cfg = json.loads((repo / "data/sft/model/tokenizer/tokenizer_config.json").read_text())
     assert "chat_template" in chat_cfg
+    rl = json.loads((repo / "data/rl/metrics.json").read_text())
+    for key in ("heldout_accuracy_sft", "heldout_accuracy_rl", "heldout_n", "heldout_gain", "heldout_gain_se"):
+        assert key in rl, key
+    assert rl["dpo_margin_after"] > rl["dpo_margin_before"], rl  # DPO raises the held-out margin
 
 
 def test_bad_conversation_file_stops_sft_naming_the_line(repo: Path, tmp_path: Path) -> None:

@@ -154,3 +154,32 @@ def test_identical_chosen_and_rejected_is_an_error_naming_the_pair() -> None:
 def test_paired_gain_and_its_standard_error() -> None:
     gain, se = paired_gain([False] * 100, [True] * 30 + [False] * 70)
     assert gain == pytest.approx(0.3) and se == pytest.approx(math.sqrt(0.3 * 0.7 * 100 / 99 / 100))
+
+
+def _pairs_file(tmp_path, lines):  # type: ignore[no-untyped-def]
+    import json
+
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return f
+
+
+GOOD_PAIR = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "chosen": "2 + 3 = 5\n#### 5",
+             "rejected": "2 + 3 = 6\n#### 6"}
+
+
+@pytest.mark.parametrize(("line", "needle"), [
+    ({**GOOD_PAIR, "rejected": GOOD_PAIR["chosen"]}, "chosen and rejected replies are identical"),
+    ({**GOOD_PAIR, "messages": [{"role": "critic", "content": "x"}]}, "unknown role 'critic'"),
+    ({"chosen": "a", "rejected": "b"}, "missing field 'messages'"),
+    ({**GOOD_PAIR, "chosen": 5}, "field 'chosen' must be a string"),
+])
+def test_bad_preference_files_name_the_record(tmp_path, line, needle) -> None:  # type: ignore[no-untyped-def]
+    from lmforge.errors import LmforgeError
+    from lmforge.rl.pairs import read_pairs
+
+    f = _pairs_file(tmp_path, [GOOD_PAIR, line])
+    with pytest.raises(LmforgeError, match=needle) as e:
+        read_pairs(f)
+    assert f"{f}:2" in str(e.value)
+    assert read_pairs(_pairs_file(tmp_path, [GOOD_PAIR]))[0].prompt == [("user", "What is 2 + 3?")]

@@ -1,5 +1,7 @@
-"""Verifiable preference pairs: chosen = a correct worked solution, rejected = the same solution
-with its last result and final answer changed to a wrong number.
+"""Preference pairs. Built ones are verifiable: chosen = a correct worked solution, rejected = the
+same solution with its last result and final answer changed to a wrong number. Your own pairs
+load from jsonl (`read_pairs`): {"messages": [...the prompt turns...], "chosen": "...",
+"rejected": "..."} per line, errors naming the file and line.
 
 The rejected reply stays well-formed (its last equation and `#### N` agree with each other),
 so what separates it from the chosen one is only that the arithmetic is wrong: exactly what
@@ -13,11 +15,13 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..chat import Turns
+from ..chat import Turns, check
 from ..data.chats import Conversation
+from ..data.jsonl import records, text_of
 from ..data.mathgen import check_equations, extract_answer
-from ..errors import LmforgeError
+from ..errors import InputError, LmforgeError
 
 
 @dataclass(frozen=True)
@@ -67,4 +71,23 @@ def build_pairs(convs: Sequence[Conversation], seed: int) -> list[Pair]:
             continue
         rejected = corrupt(chosen, c.answer, random.Random(f"lmforge.pairs:{seed}:{c.id}"))
         out.append(check_pair(Pair(c.id, c.turns[:-1], chosen, rejected)))
+    return out
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Preference pairs from a jsonl file; the record is named in every error."""
+    path = Path(path)
+    out = []
+    for line, _, rec in records(path):
+        where = f"{path}:{line}"
+        if "messages" not in rec:
+            raise InputError(path, "missing field 'messages' (the prompt turns)", line=line,
+                             fix='write {"messages": [{"role": "user", "content": ...}], "chosen": ..., "rejected": ...}')
+        prompt = check(rec["messages"], where, need_assistant=False)
+        if prompt[-1][0] != "user":
+            raise InputError(path, "the prompt must end with a user turn (the replies answer it)", line=line)
+        chosen, rejected = (text_of(rec, k, path, line) for k in ("chosen", "rejected"))
+        out.append(check_pair(Pair(where, prompt, chosen, rejected)))
+    if not out:
+        raise InputError(path, "no preference pairs", fix="add lines, or remove the file from rl.dpo.files")
     return out

@@ -36,7 +36,7 @@ from ..train.dist import Dist
 from ..train.loop import fit
 from ..weights import load_model, save_model
 from . import dpo, grpo
-from .pairs import build_pairs
+from .pairs import Pair, build_pairs, read_pairs
 
 
 class Problems(Config):
@@ -74,7 +74,8 @@ class GRPOConfig(Config):
 
 class DPOConfig(Config):
     enabled: bool = True
-    sources: list[str] = ["math_word", "arithmetic", "drills"]
+    sources: list[str] = ["drills"]   # sft sets whose graded conversations become verifiable pairs
+    files: list[str] = []             # your own pairs: jsonl of {"messages", "chosen", "rejected"} (train only)
     beta: float = 0.1
     heldout_pairs: int = 256
     seed: int = 11
@@ -98,6 +99,9 @@ class RLConfig(StageConfig):
     grpo: GRPOConfig
     dpo: DPOConfig
     eval: RLEval = RLEval()
+
+    def input_paths(self) -> list[str]:
+        return list(self.dpo.files) if self.dpo.enabled else []
 
 
 def _graded(df: pd.DataFrame, split: str, sources: list[str]) -> list[Conversation]:
@@ -151,10 +155,10 @@ def run_grpo(model: torch.nn.Module, enc: Any, train: list[Conversation], held: 
     return {"steps": result.steps, "evals": result.evals}
 
 
-def run_dpo(model: torch.nn.Module, enc: Any, df: pd.DataFrame, cfg: RLConfig, dist: Dist,
+def run_dpo(model: torch.nn.Module, enc: Any, df: pd.DataFrame, user_pairs: list[Pair], cfg: RLConfig, dist: Dist,
             ctx: RunContext) -> dict[str, Any]:
     d, t = cfg.dpo, cfg.dpo.train
-    train = build_pairs(_graded(df, "train", d.sources), d.seed)
+    train = build_pairs(_graded(df, "train", d.sources), d.seed) + user_pairs
     held = build_pairs(_graded(df, "heldout", d.sources), d.seed)[:d.heldout_pairs]
     if not train or not held:
         raise ConfigError(f"params.yaml: rl.dpo.sources {d.sources}: no verifiable preference pairs in "
@@ -185,6 +189,7 @@ def run(cfg: RLConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
                           f"({', '.join(sorted(set(df['source'])))})")
     train, held = _graded(df, "train", cfg.problems.sources), _graded(df, "heldout", cfg.problems.sources)
     held = held[:cfg.problems.heldout_n]
+    user_pairs = [p for f in cfg.dpo.files for p in read_pairs(f)] if cfg.dpo.enabled else []  # fail before work
     if not train or not held:
         raise ConfigError("params.yaml: rl.problems: no graded train or held-out problems (fix: more sft.data sets)")
     dist = tdist.setup(cfg.grpo.train.device)
@@ -199,7 +204,7 @@ def run(cfg: RLConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
             metrics["grpo_steps"] = g["steps"]
         grpo_score = score(model, enc, held, cfg, seed=0)
         if cfg.dpo.enabled:
-            metrics |= run_dpo(model, enc, df, cfg, dist, ctx)
+            metrics |= run_dpo(model, enc, df, user_pairs, cfg, dist, ctx)
         rl_score = score(model, enc, held, cfg, seed=0) if cfg.dpo.enabled else grpo_score
         gain, se = paired_gain(sft_score["greedy"], rl_score["greedy"])
         k = f"pass@{cfg.eval.pass_k}"
