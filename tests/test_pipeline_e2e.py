@@ -89,6 +89,25 @@ def test_bad_conversation_file_stops_sft_naming_the_line(repo: Path, tmp_path: P
     assert (bad / "data/sft/metrics.json").read_bytes() == before
 
 
+def test_identical_preference_pair_stops_rl_naming_the_line(repo: Path, tmp_path: Path) -> None:
+    bad = shutil.copytree(repo, tmp_path / "bad", symlinks=True)
+    (bad / "prefs").mkdir()
+    pair = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "chosen": "2 + 3 = 5\n#### 5"}
+    (bad / "prefs" / "mine.jsonl").write_text(json.dumps({**pair, "rejected": "2 + 3 = 6\n#### 6"}) + "\n"
+                                              + json.dumps({**pair, "rejected": pair["chosen"]}) + "\n")
+    dvc = yaml.safe_load((bad / "dvc.yaml").read_text())
+    dvc["stages"]["rl"]["deps"].append("prefs")
+    (bad / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    params = yaml.safe_load((bad / "params.yaml").read_text())
+    params["rl"]["dpo"]["files"] = ["prefs/mine.jsonl"]
+    (bad / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (bad / "data/rl/metrics.json").read_bytes()
+    proc = run(bad, "python", "-m", "stages.rl", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pair prefs/mine.jsonl:2: chosen and rejected replies are identical" in proc.stderr, proc.stderr[-2000:]
+    assert (bad / "data/rl/metrics.json").read_bytes() == before
+
+
 def test_second_repro_runs_nothing(repo: Path) -> None:
     proc = run(repo, "dvc", "repro")
     assert "Running stage" not in proc.stdout

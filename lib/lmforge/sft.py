@@ -153,10 +153,12 @@ def answers(model: GPT, enc: tiktoken.Encoding, problems: Sequence[Conversation]
     the final assistant turn."""
     prompts = [prompt_ids(enc, c.turns[:-1]) for c in problems for _ in range(samples)]
     out: list[str] = []
+    was = model.training
     for i in range(0, len(prompts), batch):
         rows = generate(model, prompts[i:i + batch], max_new_tokens, temperature=temperature,
                         stop_tokens=DEFAULT_STOPS, seed=seed + i, vocab_size=enc.n_vocab)
         out += [enc.decode(r) for r in rows]
+    model.train(was)
     return [out[j * samples:(j + 1) * samples] for j in range(len(problems))]
 
 

@@ -3,8 +3,11 @@
 For a pair (prompt, chosen, rejected), with s(y) the summed log-probability of reply y's
 tokens (and its <|assistant_end|>) under the policy and s_ref under the frozen reference:
     loss = -log sigmoid(beta * ((s(chosen) - s_ref(chosen)) - (s(rejected) - s_ref(rejected))))
-which is log 2 when the policy is the reference (tested). The reference scores are computed
-once, before training, by `PairBatches`.
+which is log 2 when the policy is the reference (tested). With `nll_weight` > 0 (RPO, TRL's
+`rpo_alpha`) the chosen reply's mean token negative log-likelihood is added, weighted: plain DPO
+raises the margin partly by making the chosen reply less likely too, which on a small model
+wrecks what it generates (bench/results/rl_dpo.md). The reference scores are computed once,
+before training, by `PairBatches`.
 """
 
 from __future__ import annotations
@@ -50,16 +53,27 @@ def margin(model: nn.Module, enc: tiktoken.Encoding, pairs: Sequence[Pair], micr
     return float((s[:len(pairs)] - s[len(pairs):]).mean())
 
 
-def _loss(beta: float):  # type: ignore[no-untyped-def]
+def chosen_logp(model: nn.Module, enc: tiktoken.Encoding, pairs: Sequence[Pair], micro_batch: int) -> float:
+    """Mean s(chosen) over `pairs`: whether the right reply itself became more or less likely."""
+    x, y = encode(enc, pairs)
+    return float(reply_logps(model, x[:len(pairs)], y[:len(pairs)], micro_batch).mean())
+
+
+def _loss(beta: float, nll_weight: float):  # type: ignore[no-untyped-def]
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        s = token_logps(model, batch["inputs"], batch["targets"]).sum(1) - batch["ref"]
+        logp = token_logps(model, batch["inputs"], batch["targets"])
+        s = logp.sum(1) - batch["ref"]
         n = len(s) // 2
-        return -F.logsigmoid(beta * (s[:n] - s[n:])).sum()
+        out = -F.logsigmoid(beta * (s[:n] - s[n:])).sum()
+        if nll_weight:
+            counted = (batch["targets"][:n] != -1).sum(1).clamp(min=1)
+            out = out - nll_weight * (logp[:n].sum(1) / counted).sum()
+        return out
     return loss
 
 
-def objective(*, beta: float) -> Objective:
-    return Objective("dpo", _loss(beta), lambda b: len(b["ref"]) // 2)
+def objective(*, beta: float, nll_weight: float = 0.0) -> Objective:
+    return Objective("dpo", _loss(beta, nll_weight), lambda b: len(b["ref"]) // 2)
 
 
 class PairBatches:

@@ -77,14 +77,15 @@ class DPOConfig(Config):
     sources: list[str] = ["drills"]   # sft sets whose graded conversations become verifiable pairs
     files: list[str] = []             # your own pairs: jsonl of {"messages", "chosen", "rejected"} (train only)
     beta: float = 0.1
+    nll_weight: float = 1.0           # RPO: + weight x the chosen reply's mean token NLL; 0 is plain DPO
     heldout_pairs: int = 256
     seed: int = 11
     train: TrainConfig
 
     @model_validator(mode="after")
     def _beta(self) -> DPOConfig:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0 (got {self.beta})")
+        if self.beta <= 0 or self.nll_weight < 0:
+            raise ValueError(f"need beta > 0 and nll_weight >= 0 (got {self.beta}, {self.nll_weight})")
         return self
 
 
@@ -116,7 +117,7 @@ def score(model: torch.nn.Module, enc: Any, problems: list[Conversation], cfg: R
                                         problems)]
     sampled = exact_match(answers(model, enc, problems, max_new_tokens=n_new, batch=cfg.eval.batch,
                                   temperature=cfg.eval.temperature, samples=cfg.eval.pass_k, seed=seed), problems)
-    return {"pass@1": float(np.mean(greedy)), f"pass@{cfg.eval.pass_k}": float(np.mean([any(s) for s in sampled])),
+    return {"pass_at_1": float(np.mean(greedy)), f"pass_at_{cfg.eval.pass_k}": float(np.mean([any(s) for s in sampled])),
             "sample_accuracy": float(np.mean(sampled)), "greedy": greedy}
 
 
@@ -163,14 +164,15 @@ def run_dpo(model: torch.nn.Module, enc: Any, df: pd.DataFrame, user_pairs: list
     if not train or not held:
         raise ConfigError(f"params.yaml: rl.dpo.sources {d.sources}: no verifiable preference pairs in "
                           f"data/sft/conversations.parquet (fix: name sets of sft.data.sets with exact answers)")
-    before = dpo.margin(model, enc, held, t.micro_batch)
+    before, before_chosen = dpo.margin(model, enc, held, t.micro_batch), dpo.chosen_logp(model, enc, held, t.micro_batch)
     data = dpo.PairBatches(enc, train, _frozen(model), seed=t.seed, micro_batch=t.micro_batch,
                            rank=dist.rank, world=dist.world)
     torch.manual_seed(t.seed)
-    result = fit(model, dpo.objective(beta=d.beta), data, t, dist=dist, total_steps=t.total_steps(0),
+    result = fit(model, dpo.objective(beta=d.beta, nll_weight=d.nll_weight), data, t, dist=dist, total_steps=t.total_steps(0),
                  d_model=model.config.d_model, ckpt_dir=ctx.scratch / "dpo", log=_log(ctx, "dpo/"),
                  evaluate=lambda m: {"heldout_margin": dpo.margin(m, enc, held, t.micro_batch)})
     return {"dpo_margin_before": before, "dpo_margin_after": result.evals[result.steps]["heldout_margin"],
+            "dpo_chosen_logp_before": before_chosen, "dpo_chosen_logp_after": dpo.chosen_logp(model, enc, held, t.micro_batch),
             "dpo_pairs_train": len(train), "dpo_pairs_heldout": len(held), "dpo_steps": result.steps}
 
 
@@ -207,10 +209,10 @@ def run(cfg: RLConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
             metrics |= run_dpo(model, enc, df, user_pairs, cfg, dist, ctx)
         rl_score = score(model, enc, held, cfg, seed=0) if cfg.dpo.enabled else grpo_score
         gain, se = paired_gain(sft_score["greedy"], rl_score["greedy"])
-        k = f"pass@{cfg.eval.pass_k}"
+        k = f"pass_at_{cfg.eval.pass_k}"
         metrics |= {
-            "heldout_accuracy_sft": sft_score["pass@1"], "heldout_accuracy_grpo": grpo_score["pass@1"],
-            "heldout_accuracy_rl": rl_score["pass@1"], "heldout_gain": gain, "heldout_gain_se": se,
+            "heldout_accuracy_sft": sft_score["pass_at_1"], "heldout_accuracy_grpo": grpo_score["pass_at_1"],
+            "heldout_accuracy_rl": rl_score["pass_at_1"], "heldout_gain": gain, "heldout_gain_se": se,
             f"heldout_{k}_sft": sft_score[k], f"heldout_{k}_rl": rl_score[k],
         }
         if dist.main:
