@@ -183,3 +183,17 @@ def test_bad_preference_files_name_the_record(tmp_path, line, needle) -> None:  
         read_pairs(f)
     assert f"{f}:2" in str(e.value)
     assert read_pairs(_pairs_file(tmp_path, [GOOD_PAIR]))[0].prompt == [("user", "What is 2 + 3?")]
+
+
+def test_ppo_epochs_reuse_a_rollout_and_resume_between_rollouts(enc) -> None:  # type: ignore[no-untyped-def]
+    problems = build(SETS[:1], 2)
+    model = tiny(enc)
+    data = _rollouts(model, enc, problems, ppo_epochs=2)
+    a, b, c = data.next_step(16, 8), data.next_step(16, 8), data.next_step(16, 8)
+    assert a is b and c is not a and data.state_dict()["draw"] == 2
+    # a fresh source resumed at the same draw samples the same prompts
+    again = _rollouts(model, enc, problems, ppo_epochs=2)
+    again.load_state_dict({"draw": 1, "seed": 3})
+    assert [p.id for p in again._problems(1)] == [p.id for p in data._problems(1)]
+    with pytest.raises(ValueError, match="prompts_per_step x group_size"):
+        data.next_step(8, 8)

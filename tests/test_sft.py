@@ -127,3 +127,22 @@ def test_bad_sets_are_config_errors() -> None:
         ChatSet(name="f", kind="jsonl")
     with pytest.raises(LmforgeError, match="unique"):
         build([ChatSet(name="d", kind="drill", n=1)] * 2, 0)
+
+
+def test_rst_faq_sections_become_conversations(tmp_path: Path) -> None:
+    doc = ("Intro\n=====\n\nSome prose.\n\n"
+           "Why is the sky blue?\n--------------------\n\nBecause air scatters blue light more than red light, "
+           "by Rayleigh scattering.\n\nA second paragraph.\n\n"
+           "Is that all?\n------------\n\nSee the next question.\n\n"
+           "How do I cite it?\n^^^^^^^^^^^^^^^^^\n\nWith a reference to the physics of scattering, in full.\n\n"
+           "Next title\n----------\n\nNot an answer.\n")
+    f = _jsonl(tmp_path / "docs.jsonl", [{"id": "d", "text": doc}])
+    convs = build([ChatSet(name="faq", kind="rst_faq", path=str(f))], 0)
+    assert [c.turns[0][1] for c in convs] == ["Why is the sky blue?", "How do I cite it?"]
+    assert convs[0].turns[1][1].endswith("A second paragraph.")
+    assert convs[1].turns[1][1] == "With a reference to the physics of scattering, in full."
+    short = build([ChatSet(name="faq", kind="rst_faq", path=str(f), max_chars=60)], 0)
+    assert short[0].turns[1][1].startswith("Because") and "second" not in short[0].turns[1][1]
+    with pytest.raises(InputError, match="no question sections"):
+        none = _jsonl(tmp_path / "none.jsonl", [{"text": "Prose."}])
+        build([ChatSet(name="faq", kind="rst_faq", path=str(none))], 0)

@@ -9,6 +9,9 @@ Kinds:
   multi-step arithmetic) as user question -> assistant worked solution ending `#### N`.
 - `drill`: one-step sums and differences, "What is 37 + 45?" -> "37 + 45 = 82\\n#### 82",
   operands up to `max_operand`: a task family small models can learn, so RL has signal.
+- `rst_faq`: real question/answer text: in a jsonl source of reStructuredText documents (the
+  mix's `python_docs`), every section whose title is a question becomes user: title ->
+  assistant: the section's text (its first `max_chars`, cut at a paragraph).
 - `jsonl`: a file of {"messages": [{"role", "content"}, ...]} per line (errors name file:line).
 - `hf`: `datasets.load_dataset(path, split=split)` with a messages column `field`: a local
   directory of json / parquet files, or a Hub dataset already in the cache (offline).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +41,9 @@ from ..chat import Turns, check
 from ..config import Config
 from ..errors import InputError, LmforgeError
 from . import mathgen
-from .jsonl import records
+from .jsonl import records, text_of
 
-Kind = Literal["math_word", "math_arithmetic", "drill", "jsonl", "hf"]
+Kind = Literal["math_word", "math_arithmetic", "drill", "rst_faq", "jsonl", "hf"]
 SPLITS = ("train", "heldout")
 
 
@@ -49,8 +53,9 @@ class ChatSet(Config):
     n: int | None = None            # how many (generated kinds: required; files: the first n, default all)
     path: str | None = None         # jsonl file, or dataset directory / Hub id (hf)
     split: str = "train"            # hf: the dataset split
-    field: str = "messages"         # jsonl / hf: the messages column
+    field: str | None = None        # jsonl / hf: the messages column ("messages"); rst_faq: the text ("text")
     max_operand: int = 99           # drill: operands are 0..max_operand
+    max_chars: int = 1500           # rst_faq: longest answer kept
 
     @model_validator(mode="after")
     def _fields(self) -> ChatSet:
@@ -64,6 +69,11 @@ class ChatSet(Config):
         if self.max_operand < 1:
             raise ValueError(f"set '{self.name}': max_operand must be >= 1 (got {self.max_operand})")
         return self
+
+    @property
+    def column(self) -> str:
+        """The field read: `field`, else "text" for rst_faq and "messages" for files and datasets."""
+        return self.field or ("text" if self.kind == "rst_faq" else "messages")
 
 
 @dataclass(frozen=True)
@@ -124,14 +134,46 @@ def _generated(s: ChatSet, seed: int) -> list[Conversation]:
             for i, r in enumerate(mathgen.generate(s.n, seed, names))]
 
 
+# an rst section title that asks something: a line ending in "?", underlined with one character
+_RST_QUESTION = re.compile(r"(?m)^(?P<q>[^\n]{8,200}\?)\n(?P<u>[-=^~*#\"'`+]{3,})[ \t]*$")
+_RST_TITLE = re.compile(r"(?m)^[^\n]+\n([-=^~*#\"'`+])\1{2,}[ \t]*$")
+
+
+def _faq_answer(body: str, max_chars: int) -> str:
+    end = _RST_TITLE.search(body)
+    body = (body[:end.start()] if end else body).strip()
+    if len(body) > max_chars:  # whole paragraphs, or whole words when the first is longer
+        cut = body[:max_chars]
+        body = cut.rsplit("\n\n", 1)[0] if "\n\n" in cut else cut.rsplit(" ", 1)[0]
+    return body.strip()
+
+
+def _from_rst_faq(s: ChatSet) -> list[Conversation]:
+    path = Path(str(s.path))
+    out: list[Conversation] = []
+    for line, _, rec in records(path):
+        text = text_of(rec, s.column, path, line)
+        for m in _RST_QUESTION.finditer(text):
+            answer = _faq_answer(text[m.end():], s.max_chars)
+            if len(answer) >= 40 and not answer.lower().startswith("see the next question"):
+                out.append(Conversation(f"{s.name}-{line}-{m.start()}", s.name,
+                                        [("user", m.group("q").strip()), ("assistant", answer)]))
+            if s.n is not None and len(out) == s.n:
+                return out
+    if not out:
+        raise InputError(path, "no question sections found (titles ending in '?', underlined)",
+                         fix="point rst_faq at reStructuredText documents, or remove the set")
+    return out
+
+
 def _from_jsonl(s: ChatSet) -> list[Conversation]:
     path = Path(str(s.path))
     out = []
     for line, _, rec in records(path):
-        if s.field not in rec:
-            raise InputError(path, f"missing field '{s.field}'", line=line,
-                             fix=f'every line is {{"{s.field}": [{{"role": ..., "content": ...}}, ...]}}')
-        out.append(Conversation(f"{s.name}-{line}", s.name, check(rec[s.field], f"{path}:{line}")))
+        if s.column not in rec:
+            raise InputError(path, f"missing field '{s.column}'", line=line,
+                             fix=f'every line is {{"{s.column}": [{{"role": ..., "content": ...}}, ...]}}')
+        out.append(Conversation(f"{s.name}-{line}", s.name, check(rec[s.column], f"{path}:{line}")))
         if s.n is not None and len(out) == s.n:
             break
     if not out:
@@ -147,11 +189,11 @@ def _from_hf(s: ChatSet) -> list[Conversation]:
     except Exception as e:  # datasets raises many kinds: not found, offline, bad files
         raise InputError(str(s.path), f"cannot load split '{s.split}' with datasets ({type(e).__name__}: {e})",
                          fix="give a local directory of json/parquet files, or a Hub id already cached") from None
-    if s.field not in ds.column_names:
-        raise InputError(str(s.path), f"no column '{s.field}' (columns: {', '.join(ds.column_names)})",
+    if s.column not in ds.column_names:
+        raise InputError(str(s.path), f"no column '{s.column}' (columns: {', '.join(ds.column_names)})",
                          fix="set the set's field to the messages column")
     n = len(ds) if s.n is None else min(s.n, len(ds))
-    return [Conversation(f"{s.name}-{i}", s.name, check(ds[i][s.field], f"{s.path} [{s.split}] row {i}"))
+    return [Conversation(f"{s.name}-{i}", s.name, check(ds[i][s.column], f"{s.path} [{s.split}] row {i}"))
             for i in range(n)]
 
 
@@ -162,8 +204,10 @@ def build(sets: Sequence[ChatSet], seed: int) -> list[Conversation]:
         raise LmforgeError(f"set names must be unique (got {names})")
     out: list[Conversation] = []
     for s in sets:
-        out += _generated(s, seed) if s.kind in ("math_word", "math_arithmetic", "drill") else (
-            _from_jsonl(s) if s.kind == "jsonl" else _from_hf(s))
+        if s.kind in ("math_word", "math_arithmetic", "drill"):
+            out += _generated(s, seed)
+        else:
+            out += {"rst_faq": _from_rst_faq, "jsonl": _from_jsonl, "hf": _from_hf}[s.kind](s)
     return out
 
 
