@@ -175,13 +175,17 @@ def heldout(df: pd.DataFrame, n: int, *, graded: bool) -> list[Conversation]:
     return from_table(rows.sort_values("prompt_sha256").head(n))
 
 
-def evaluate(model: GPT, enc: tiktoken.Encoding, df: pd.DataFrame, cfg: SFTConfig, dist: Dist) -> dict[str, float]:
+def evaluate(model: GPT, enc: tiktoken.Encoding, df: pd.DataFrame, cfg: SFTConfig, dist: Dist) -> dict[str, Any]:
     convs = heldout(df, cfg.eval.heldout_conversations, graded=False)
     problems = heldout(df, cfg.eval.accuracy_n, graded=True)
-    loss = assistant_loss(model, enc, convs, dist, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch)
+    def loss(cs: Sequence[Conversation]) -> float:
+        return assistant_loss(model, enc, cs, dist, seq_len=cfg.train.seq_len, micro_batch=cfg.train.micro_batch)
+
     right = exact_match(answers(model, enc, problems, max_new_tokens=cfg.eval.max_new_tokens,
                                 batch=cfg.eval.batch), problems)
-    return {"heldout_loss": loss, "heldout_accuracy": float(np.mean([r[0] for r in right])) if right else 0.0}
+    by_source = {src: round(loss([c for c in convs if c.source == src]), 6) for src in sorted({c.source for c in convs})}
+    return {"heldout_loss": loss(convs), "heldout_loss_by_source": by_source,  # type: ignore[dict-item]
+            "heldout_accuracy": float(np.mean([r[0] for r in right])) if right else 0.0}
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -221,6 +225,8 @@ def run(cfg: SFTConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
         return {
             "heldout_loss_before": round(before["heldout_loss"], 6),
             "heldout_loss_after": round(after["heldout_loss"], 6),
+            "heldout_loss_by_source_before": before["heldout_loss_by_source"],
+            "heldout_loss_by_source_after": after["heldout_loss_by_source"],
             "heldout_accuracy_before": round(before["heldout_accuracy"], 6),
             "heldout_accuracy_after": round(after["heldout_accuracy"], 6),
             "heldout_accuracy_n": len(heldout(df, cfg.eval.accuracy_n, graded=True)),

@@ -1,12 +1,15 @@
-"""The `rl` stage: GRPO with verifiable rewards, then DPO, on the SFT model, in the one training loop.
+"""The `rl` stage: DPO, then GRPO with verifiable rewards, on the SFT model, in the one training loop.
 
 Problems and held-out problems are the graded conversations of `data/sft/conversations.parquet`
 (so a prompt held out from SFT is held out here too) whose set is in `rl.problems.sources`.
-GRPO (lmforge.rl.grpo) trains on the train problems; held-out problems are scored greedily
-(pass@1) and by `pass_k` samples (pass@k) before, during and after. DPO (lmforge.rl.dpo), when
-enabled, then trains on verifiable preference pairs (lmforge.rl.pairs) from the train split
-and is scored by the held-out chosen-vs-rejected margin. The reference model of both is the
-model they start from, frozen. `data/rl/metrics.json` holds `heldout_accuracy_sft`,
+DPO (lmforge.rl.dpo) trains on verifiable preference pairs (lmforge.rl.pairs) from the train
+split and is scored by the held-out chosen-vs-rejected margin. GRPO (lmforge.rl.grpo) then
+trains on the train problems; held-out problems are scored greedily (pass@1) and by `pass_k`
+samples (pass@k) before, during and after. Either can be switched off. The reference of both
+is the SFT model, frozen (DPO's reference, GRPO's KL anchor).
+
+The order is Tülu 3's (SFT, DPO, RL with verifiable rewards): with DPO after GRPO, DPO gave
+back most of GRPO's held-out gain in both runs measured (bench/results/rl_dpo.md). `data/rl/metrics.json` holds `heldout_accuracy_sft`,
 `heldout_accuracy_rl`, `heldout_n`, the paired gain and its standard error, pass@k, KL, and
 the DPO margins.
 """
@@ -140,10 +143,9 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def run_grpo(model: torch.nn.Module, enc: Any, train: list[Conversation], held: list[Conversation],
-             cfg: RLConfig, dist: Dist, ctx: RunContext) -> dict[str, Any]:
+def run_grpo(model: torch.nn.Module, ref: torch.nn.Module, enc: Any, train: list[Conversation],
+             held: list[Conversation], cfg: RLConfig, dist: Dist, ctx: RunContext) -> dict[str, Any]:
     g, t = cfg.grpo, cfg.grpo.train
-    ref = _frozen(model)
     data = grpo.Rollouts(model, ref, enc, train, prompts_per_step=g.prompts_per_step, group_size=g.group_size,
                          temperature=g.temperature, top_k=g.top_k, max_new_tokens=g.max_new_tokens,
                          format_weight=g.format_weight, scale=g.scale_advantages, ppo_epochs=g.ppo_epochs,
@@ -156,8 +158,8 @@ def run_grpo(model: torch.nn.Module, enc: Any, train: list[Conversation], held: 
     return {"steps": result.steps, "evals": result.evals}
 
 
-def run_dpo(model: torch.nn.Module, enc: Any, df: pd.DataFrame, user_pairs: list[Pair], cfg: RLConfig, dist: Dist,
-            ctx: RunContext) -> dict[str, Any]:
+def run_dpo(model: torch.nn.Module, ref: torch.nn.Module, enc: Any, df: pd.DataFrame, user_pairs: list[Pair],
+            cfg: RLConfig, dist: Dist, ctx: RunContext) -> dict[str, Any]:
     d, t = cfg.dpo, cfg.dpo.train
     train = build_pairs(_graded(df, "train", d.sources), d.seed) + user_pairs
     held = build_pairs(_graded(df, "heldout", d.sources), d.seed)[:d.heldout_pairs]
@@ -165,7 +167,7 @@ def run_dpo(model: torch.nn.Module, enc: Any, df: pd.DataFrame, user_pairs: list
         raise ConfigError(f"params.yaml: rl.dpo.sources {d.sources}: no verifiable preference pairs in "
                           f"data/sft/conversations.parquet (fix: name sets of sft.data.sets with exact answers)")
     before, before_chosen = dpo.margin(model, enc, held, t.micro_batch), dpo.chosen_logp(model, enc, held, t.micro_batch)
-    data = dpo.PairBatches(enc, train, _frozen(model), seed=t.seed, micro_batch=t.micro_batch,
+    data = dpo.PairBatches(enc, train, ref, seed=t.seed, micro_batch=t.micro_batch,
                            rank=dist.rank, world=dist.world)
     torch.manual_seed(t.seed)
     result = fit(model, dpo.objective(beta=d.beta, nll_weight=d.nll_weight), data, t, dist=dist, total_steps=t.total_steps(0),
@@ -199,19 +201,19 @@ def run(cfg: RLConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
         model, _ = load_model(inputs["sft/model"], device=dist.device)
         tokenizer_dir = Path(inputs["sft/model"]) / "tokenizer"
         enc = load_encoder(tokenizer_dir)
+        ref = _frozen(model)  # the SFT model: DPO's reference and GRPO's KL anchor
         sft_score = score(model, enc, held, cfg, seed=0)
         metrics: dict[str, Any] = {"heldout_n": len(held), "train_problems": len(train)}
-        if cfg.grpo.enabled:
-            g = run_grpo(model, enc, train, held, cfg, dist, ctx)
-            metrics["grpo_steps"] = g["steps"]
-        grpo_score = score(model, enc, held, cfg, seed=0)
         if cfg.dpo.enabled:
-            metrics |= run_dpo(model, enc, df, user_pairs, cfg, dist, ctx)
-        rl_score = score(model, enc, held, cfg, seed=0) if cfg.dpo.enabled else grpo_score
+            metrics |= run_dpo(model, ref, enc, df, user_pairs, cfg, dist, ctx)
+        dpo_score = score(model, enc, held, cfg, seed=0) if cfg.dpo.enabled else sft_score
+        if cfg.grpo.enabled:
+            metrics["grpo_steps"] = run_grpo(model, ref, enc, train, held, cfg, dist, ctx)["steps"]
+        rl_score = score(model, enc, held, cfg, seed=0) if cfg.grpo.enabled else dpo_score
         gain, se = paired_gain(sft_score["greedy"], rl_score["greedy"])
         k = f"pass_at_{cfg.eval.pass_k}"
         metrics |= {
-            "heldout_accuracy_sft": sft_score["pass_at_1"], "heldout_accuracy_grpo": grpo_score["pass_at_1"],
+            "heldout_accuracy_sft": sft_score["pass_at_1"], "heldout_accuracy_dpo": dpo_score["pass_at_1"],
             "heldout_accuracy_rl": rl_score["pass_at_1"], "heldout_gain": gain, "heldout_gain_se": se,
             f"heldout_{k}_sft": sft_score[k], f"heldout_{k}_rl": rl_score[k],
         }
