@@ -45,3 +45,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def math_encoder(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A small tokenizer trained on the generated chat sets (word problems, arithmetic, drills)."""
+    from lmforge.data.chats import ChatSet, build
+    from lmforge.tokenizer import TokenizerConfig, load_encoder, save, train
+
+    sets = [ChatSet(name="w", kind="math_word", n=40), ChatSet(name="a", kind="math_arithmetic", n=40),
+            ChatSet(name="d", kind="drill", n=200, max_operand=20)]
+    texts = [" ".join(t for _, t in c.turns) for c in build(sets, 1)]
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    save(train(texts * 2, TokenizerConfig(vocab_size=500)), out)
+    return load_encoder(out)

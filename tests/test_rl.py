@@ -16,7 +16,6 @@ from lmforge.rl import dpo, grpo
 from lmforge.rl.pairs import Pair, PairError, build_pairs, check_pair, corrupt
 from lmforge.rl.rewards import reward
 from lmforge.rl.stage import paired_gain
-from lmforge.tokenizer import TokenizerConfig, load_encoder, save, train
 from lmforge.train.config import TrainConfig
 from lmforge.train.dist import Dist
 from lmforge.train.loop import fit
@@ -26,11 +25,8 @@ SETS = [ChatSet(name="drills", kind="drill", n=60, max_operand=20), ChatSet(name
 
 
 @pytest.fixture(scope="module")
-def enc(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    texts = [" ".join(t for _, t in c.turns) for c in build(SETS, 1)]
-    out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    save(train(texts * 3, TokenizerConfig(vocab_size=400)), out)
-    return load_encoder(out)
+def enc(math_encoder):  # type: ignore[no-untyped-def]
+    return math_encoder
 
 
 def tiny(enc) -> GPT:  # type: ignore[no-untyped-def]

@@ -22,7 +22,6 @@ from lmforge.data.chats import (
 from lmforge.data.mathgen import extract_answer
 from lmforge.errors import InputError, LmforgeError
 from lmforge.sft import chat_split, exact_match
-from lmforge.tokenizer import TokenizerConfig, load_encoder, save, train
 from lmforge.train.data import PackedRows
 
 SETS = [ChatSet(name="w", kind="math_word", n=40), ChatSet(name="a", kind="math_arithmetic", n=40),
@@ -30,11 +29,8 @@ SETS = [ChatSet(name="w", kind="math_word", n=40), ChatSet(name="a", kind="math_
 
 
 @pytest.fixture(scope="module")
-def enc(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    texts = [" ".join(t for _, t in c.turns) for c in build(SETS, 1)]
-    out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    save(train(texts * 2, TokenizerConfig(vocab_size=500)), out)
-    return load_encoder(out)
+def enc(math_encoder):  # type: ignore[no-untyped-def]
+    return math_encoder
 
 
 def test_built_sets_are_deterministic_graded_and_valid() -> None:

@@ -140,10 +140,7 @@ def run(cfg: GovernConfig, inputs: Mapping[str, str | Path], out_dir: str | Path
     model_dir, tokenizer_dir = Path(inputs["pretrain/model"]), Path(inputs["tokenizer/tokenizer"])
     dist = tdist.setup(cfg.train.device)
     try:
-        try:
-            cfg.train.accum_steps(dist.world)
-        except ValueError as e:
-            raise ConfigError(f"params.yaml: govern.train: {e}") from None
+        cfg.train.check_processes(dist.world, "govern.train")
         mid = prepare(cfg, inputs)
         model, gov_run, gov = continue_training(cfg, mid, model_dir, governed=True, dist=dist,
                                                 ckpt_dir=ctx.scratch / "governed", log=ctx.log_metrics)

@@ -84,10 +84,7 @@ def run(cfg: PretrainConfig, inputs: Mapping[str, str | Path], out_dir: str | Pa
     tcfg = cfg.train
     dist = tdist.setup(tcfg.device)
     try:
-        try:
-            tcfg.accum_steps(dist.world)
-        except ValueError as e:
-            raise ConfigError(f"params.yaml: pretrain.train: {e}") from None
+        tcfg.check_processes(dist.world, "pretrain.train")
         train_split, val_split = open_split(tokens_dir, "train"), open_split(tokens_dir, "val")
         torch.manual_seed(tcfg.seed)
         model = GPT(mcfg)

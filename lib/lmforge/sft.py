@@ -197,10 +197,7 @@ def run(cfg: SFTConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
     tokenizer_dir = Path(inputs["tokenizer/tokenizer"])
     dist = tdist.setup(cfg.train.device)
     try:
-        try:
-            cfg.train.accum_steps(dist.world)
-        except ValueError as e:
-            raise ConfigError(f"params.yaml: sft.train: {e}") from None
+        cfg.train.check_processes(dist.world, "sft.train")
         enc = load_encoder(tokenizer_dir)
         df, counts = conversations(cfg.data, Path(inputs["mix/train"]))
         train = from_table(df[df["split"] == "train"])

@@ -198,6 +198,8 @@ def run(cfg: RLConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
         raise ConfigError("params.yaml: rl.problems: no graded train or held-out problems (fix: more sft.data sets)")
     dist = tdist.setup(cfg.grpo.train.device)
     try:
+        cfg.grpo.train.check_processes(dist.world, "rl.grpo.train")
+        cfg.dpo.train.check_processes(dist.world, "rl.dpo.train")
         model, _ = load_model(inputs["sft/model"], device=dist.device)
         tokenizer_dir = Path(inputs["sft/model"]) / "tokenizer"
         enc = load_encoder(tokenizer_dir)

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from ..config import Config
+from ..errors import ConfigError
 
 
 class OptimConfig(Config):
@@ -95,6 +96,13 @@ class TrainConfig(Config):
             raise ValueError(f"global_batch {self.global_batch} is not divisible by micro_batch x processes "
                              f"= {self.micro_batch} x {world}; change global_batch or micro_batch")
         return self.global_batch // per_step
+
+    def check_processes(self, world: int, where: str) -> int:
+        """`accum_steps`, or a ConfigError naming the params section `where` (e.g. "sft.train")."""
+        try:
+            return self.accum_steps(world)
+        except ValueError as e:
+            raise ConfigError(f"params.yaml: {where}: {e}") from None
 
     def total_steps(self, n_params: int) -> int:
         if self.steps is not None:
