@@ -5,3 +5,11 @@ paths and returns results. `stages/` wraps it for the DAG; `lmforge --help` list
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# Bit-identical reruns on CPU: neither MKL nor OpenMP may choose a different number of threads
+# from one call, or one run, to the next (a different split changes the order of floating-point
+# sums). Set before torch loads its BLAS; an explicit setting in the environment wins.
+for _key in ("MKL_DYNAMIC", "OMP_DYNAMIC"):
+    _os.environ.setdefault(_key, "FALSE")
