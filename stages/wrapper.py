@@ -11,7 +11,8 @@ It does DESIGN.md's seven steps in order, the same for every stage:
    never a torn file and never a mix of old and new outputs;
 6. log metrics (metrics.json also becomes the DVC metric), timings and artifacts;
 7. append the run's decision records (ctx.decisions) and one stage record to the audit chain, and
-   anchor its head on the MLflow runs.
+   anchor its head on the MLflow runs. A run that a policy refused (lmforge.errors.Refused, e.g.
+   the forgetting gate) fails, but its decision records are appended first.
 
 Run a stage directly with `python -m stages.<name>` from the repo root (that is what
 dvc.yaml's `cmd` does).
@@ -42,7 +43,7 @@ from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
 from lmforge.digest import sha256_json, sha256_path
-from lmforge.errors import ConfigError, InputError, LmforgeError
+from lmforge.errors import ConfigError, InputError, LmforgeError, Refused
 from lmforge.runtime import code_version, environment
 from stages import dag
 
@@ -226,6 +227,11 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             ctx = RunContext(scratch=scratch, sink=steps.add)
             try:
                 metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
+            except Refused:
+                # a refusal is a decision too: it is audited though the stage fails
+                for decision in ctx.decisions:
+                    audit.append({**decision, "stage": name, "mlflow_run_id": run_id})
+                raise
             finally:
                 steps.flush()
             # resumable state is only for a run that did not finish
@@ -233,7 +239,8 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
             # 6. metrics, timings, artifacts
             tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})
-            tracking.log_artifact(run_id, root / spec.out_dir / "metrics.json")
+            for artifact in (f"{spec.out_dir}/metrics.json", *spec.plots):
+                tracking.log_artifact(run_id, root / artifact)
             # 7. audit (the run's decisions, then the stage), and its head anchored on the MLflow runs
             for decision in ctx.decisions:
                 audit.append({**decision, "stage": name, "mlflow_run_id": run_id})

@@ -32,3 +32,10 @@ class InputError(LmforgeError):
 
 class AuditError(LmforgeError):
     """The audit chain is broken or cannot be appended to."""
+
+
+class Refused(LmforgeError):
+    """A policy refused the run's result (e.g. the forgetting gate). The stage wrapper still
+    appends the run's decision records to the audit chain before it fails."""
+
+    exit_code = 3

@@ -186,9 +186,14 @@ def set_status(run_id: str, status: str) -> None:
 
 
 def log_artifact(run_id: str, path: str | Path) -> None:
+    """A file, or a directory's files under the directory's name."""
     import mlflow
 
-    mlflow.MlflowClient().log_artifact(run_id, str(path))
+    path = Path(path)
+    if path.is_dir():
+        mlflow.MlflowClient().log_artifacts(run_id, str(path), artifact_path=path.name)
+    else:
+        mlflow.MlflowClient().log_artifact(run_id, str(path))
 
 
 def latest_audit_anchor(root: str | Path, chain_id: str, experiment: str = EXPERIMENT) -> tuple[int, str] | None:

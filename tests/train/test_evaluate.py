@@ -99,6 +99,9 @@ def test_bits_per_byte_matches_a_direct_computation_and_restores_train_mode() ->
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.5)  # far from uniform
     rows = make_rows(7, 11)
+    with torch.no_grad():  # row 0: the model's own greedy continuation, so some targets are its top choice
+        for t in range(1, 6):
+            rows[0, t] = int(model(torch.from_numpy(rows[:1, :t]))[0, -1].argmax())
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
     with torch.no_grad():
         nats = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
@@ -107,10 +110,14 @@ def test_bits_per_byte_matches_a_direct_computation_and_restores_train_mode() ->
     want_bpb = float((nats * (b > 0)).sum()) / math.log(2) / float(b.sum())
     assert abs(want_loss - math.log(VOCAB)) > 0.05
     model.train()
+    with torch.no_grad():
+        want_acc = float((model(x).argmax(-1) == y).double().mean())
+    assert 0 < want_acc < 1
     for micro_batch in (1, 3, 7, 100):
-        out = bits_per_byte(model, rows, TBYTES, CPU, micro_batch=micro_batch)
+        out = bits_per_byte(model, rows, TBYTES, CPU, micro_batch=micro_batch, accuracy=True)
         assert out["val_loss"] == pytest.approx(want_loss, rel=1e-5)
         assert out["val_bpb"] == pytest.approx(want_bpb, rel=1e-5)
+        assert out["val_acc"] == pytest.approx(want_acc, rel=1e-9)
         assert model.training
     assert all(p.grad is None for p in model.parameters())
     model.eval()

@@ -36,12 +36,13 @@ def token_bytes(tokenizer_dir: str | Path, vocab_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def bits_per_byte(model: torch.nn.Module, rows: np.ndarray, tbytes: np.ndarray, dist: Dist, *,
-                  micro_batch: int) -> dict[str, float]:
-    """val_loss (nats per target token) and val_bpb over `rows`, split across processes."""
+                  micro_batch: int, accuracy: bool = False) -> dict[str, float]:
+    """val_loss (nats per target token) and val_bpb over `rows`, split across processes; with
+    `accuracy`, also val_acc (share of targets that are the model's top choice)."""
     per = -(-len(rows) // dist.world)
     mine = rows[dist.rank * per:(dist.rank + 1) * per]
     weights = torch.from_numpy(tbytes).to(dist.device)
-    nats = nats_counted = n_bytes = n_targets = 0.0
+    nats = nats_counted = n_bytes = n_targets = n_right = 0.0
     was_training = model.training
     model.eval()
     for i in range(0, len(mine), micro_batch):
@@ -54,9 +55,12 @@ def bits_per_byte(model: torch.nn.Module, rows: np.ndarray, tbytes: np.ndarray, 
         n_targets += y.numel()
         nats_counted += float((loss * (b > 0)).sum())
         n_bytes += float(b.sum())
+        if accuracy:
+            n_right += float((logits.argmax(-1) == y).sum())
     model.train(was_training)
-    nats, n_targets, nats_counted, n_bytes = all_sum([nats, n_targets, nats_counted, n_bytes], dist)
-    return {"val_loss": nats / max(n_targets, 1), "val_bpb": nats_counted / LN2 / max(n_bytes, 1)}
+    nats, n_targets, nats_counted, n_bytes, n_right = all_sum([nats, n_targets, nats_counted, n_bytes, n_right], dist)
+    out = {"val_loss": nats / max(n_targets, 1), "val_bpb": nats_counted / LN2 / max(n_bytes, 1)}
+    return out | ({"val_acc": n_right / max(n_targets, 1)} if accuracy else {})
 
 
 def unigram_bpb(train_tokens: np.ndarray, rows: np.ndarray, tbytes: np.ndarray, chunk: int = 1 << 24) -> float:
