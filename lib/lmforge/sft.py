@@ -8,7 +8,9 @@ prompts and held-out problems from it). Held-out prompts that the model already 
 never seen in any earlier stage.
 
 Training is the LM objective on packed conversations whose targets are the assistant's tokens
-only (lmforge.chat.render's mask). Metrics, before (the govern model) and after:
+only (lmforge.chat.render's mask); with `data.pretrain_fraction`, that share of every batch is
+pretraining text instead (lmforge.train.data.Blend), which keeps what the base model knew (the
+forgetting stage's retention table measures it). Metrics, before (the govern model) and after:
 `heldout_loss_*` (mean assistant-token loss on held-out conversations) and
 `heldout_accuracy_*` (greedy exact match of the final `#### N` on held-out math problems).
 """
@@ -35,10 +37,10 @@ from .engine import DEFAULT_STOPS, generate
 from .errors import ConfigError
 from .model import GPT
 from .tokenizer import BOS_ID, load_encoder
-from .tokens import TokenSplit, iter_docs, split_files
+from .tokens import TokenSplit, iter_docs, open_split, split_files
 from .train import dist as tdist
 from .train.config import TrainConfig
-from .train.data import PackedRows
+from .train.data import Blend, PackedRows
 from .train.dist import Dist, all_sum
 from .train.loop import LM, fit
 from .weights import load_model, save_model
@@ -48,12 +50,22 @@ class SFTData(Config):
     seed: int = 7
     sets: Annotated[list[ChatSet], non_empty("conversation set")]
     heldout_fraction: float = 0.1   # share of prompts (by hash) held out
+    # Share of every batch that is pretraining text (the tokenizer stage's train tokens, every
+    # token a target) instead of conversations: the base model's skill is kept, not overwritten.
+    pretrain_fraction: float = 0.0
 
     @field_validator("heldout_fraction")
     @classmethod
     def _fraction(cls, v: float) -> float:
         if not 0.0 < v < 1.0:
             raise ValueError(f"must be between 0 and 1, exclusive (got {v})")
+        return v
+
+    @field_validator("pretrain_fraction")
+    @classmethod
+    def _pretrain(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1) (got {v})")
         return v
 
 
@@ -208,7 +220,11 @@ def run(cfg: SFTConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
         before = evaluate(model, enc, df, cfg, dist)
         tcfg = cfg.train
         torch.manual_seed(tcfg.seed)
-        loader = PackedRows(split, tcfg.seq_len, seed=tcfg.seed, rank=dist.rank, world=dist.world, mask=mask)
+        chats = PackedRows(split, tcfg.seq_len, seed=tcfg.seed, rank=dist.rank, world=dist.world, mask=mask)
+        loader: PackedRows | Blend = chats
+        if cfg.data.pretrain_fraction > 0:
+            text = PackedRows(open_split(inputs["tokenizer/tokens"], "train"), tcfg.seq_len, seed=tcfg.seed)
+            loader = Blend(chats, text, cfg.data.pretrain_fraction, seed=tcfg.seed, rank=dist.rank, world=dist.world)
         result = fit(model, LM, loader, tcfg, dist=dist, total_steps=tcfg.total_steps(model.config.n_params()),
                      d_model=model.config.d_model, ckpt_dir=ctx.scratch / "ckpt", log=ctx.log_metrics,
                      evaluate=lambda m: {"heldout_loss": assistant_loss(

@@ -38,7 +38,7 @@ from ..train.loop import LM, Data, Objective, Plugin, fit
 from . import persistence as persistence_loss
 from .ewc import EWC
 from .persistence import PersistenceConfig
-from .replay import Replay
+from .replay import replay
 
 Kind = Literal["ce", "ewc", "replay", "persistence", "governed"]
 
@@ -126,12 +126,13 @@ def run_sequence(method: Method, seed: int, init: Callable[[int], GPT], doms: li
     memories: list[np.ndarray] = []
     for k, dom in enumerate(doms):
         torch.manual_seed(seed * 1000 + k)
-        data: Data = stream(dom, tcfg.seq_len, seed, k)
+        current = stream(dom, tcfg.seq_len, seed, k)
+        data: Data = current
         objective: Objective = LM
         plugin: Plugin | None = None
         evaluate = None
         if method.kind == "replay":
-            data = Replay(data, memories, method.fraction, seed=seed * 1000 + k)
+            data = replay(current, memories, method.fraction, seed * 1000 + k)
         elif method.kind == "ewc":
             objective = ewc.objective()
         elif method.kind == "persistence":

@@ -44,7 +44,7 @@ def heatmap(R: np.ndarray, b: np.ndarray, domains: list[str], title: str, path: 
 
 
 def acc_bwt_bars(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
-    """ACC and BWT (mean +- std over seeds) by method."""
+    """ACC and BWT (mean ± std over seeds) by method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +64,7 @@ def acc_bwt_bars(summary: dict[str, dict[str, dict[str, float]]], path: Path) ->
             lo, hi = min(m - s for m, s in zip(means, stds, strict=True)), max(m + s for m, s in zip(means, stds, strict=True))
             pad = max(hi - lo, 1e-3) * 0.5
             ax.set_ylim(lo - pad, hi + pad)
-    fig.suptitle("next-token accuracy over seeds (mean +- std)")
+    fig.suptitle("next-token accuracy over seeds (mean ± std)")
     fig.tight_layout()
     _png(fig, path)
     plt.close(fig)
