@@ -73,6 +73,21 @@ def test_outputs_and_metrics(repo: Path) -> None:
     # (the default run's does: bench/results/rl_dpo.md; tests/test_rl.py checks DPO on its own pairs)
     assert all(math.isfinite(rl[k]) for k in ("dpo_margin_before", "dpo_margin_after", "heldout_gain_se")), rl
     assert rl["heldout_n"] > 0 and rl["grpo_steps"] > 0 and rl["dpo_steps"] > 0, rl
+    forget = json.loads((repo / "data/forgetting/metrics.json").read_text())
+    bench = forget["benchmark"]
+    assert len(bench["domains"]) >= 4 and len(bench["seeds"]) >= 3, bench
+    assert set(bench["methods"]) == {"ce", "ewc", "ewc_online", "replay", "persistence", "governed"}
+    for name, m in bench["methods"].items():
+        for key in ("acc", "bwt", "fwt"):
+            assert math.isfinite(m[key]["mean"]) and m[key]["std"] >= 0, (name, key)
+    assert set(forget["retention"]) == {"pretrain", "govern", "sft", "rl"}
+    assert all(set(r["by_source"]) == set(mix["sources"]) for r in forget["retention"].values())
+    assert forget["gate"]["passed"] and forget["gate"]["action"] == "pass", forget["gate"]
+    matrices = json.loads((repo / "data/forgetting/matrices.json").read_text())
+    R = matrices["methods"]["ce"]["mean"]["val_acc"]["R"]
+    assert len(R) == len(R[0]) == len(bench["domains"])
+    plots = sorted(p.name for p in (repo / "data/forgetting/plots").iterdir())
+    assert plots == sorted(["acc_bwt.png", "retention.png"] + [f"heatmap_{m}.png" for m in bench["methods"]])
 
 
 def _stage_with_user_file(repo: Path, tmp_path: Path, stage: str, rel: str, lines: list[object],
@@ -116,6 +131,45 @@ def test_identical_preference_pair_stops_rl_naming_the_line(repo: Path, tmp_path
     assert after == before
 
 
+def test_forgetting_gate_refuses_a_model_that_forgot_too_much_and_audits_it(repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    shutil.copytree(repo, gate, symlinks=True)
+    table = json.loads((gate / "data/forgetting/metrics.json").read_text())["retention"]
+    # a pair of models where the first has the higher val bpb: the gate's increase is known
+    model, reference = max(((a, b) for a in table for b in table if a != b),
+                           key=lambda ab: table[ab[0]]["val_bpb"] / table[ab[1]]["val_bpb"])
+    rise = table[model]["val_bpb"] / table[reference]["val_bpb"] - 1.0
+    assert rise > 0
+    log = gate / "audit/log.jsonl"
+
+    def forgetting(limit: float, on_fail: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+        params = yaml.safe_load((gate / "params.yaml").read_text())
+        params["forgetting"]["gate"].update(model=model, reference=reference, max_increase=limit, on_fail=on_fail)
+        params["forgetting"]["benchmark"]["enabled"] = False  # the gate runs first; the benchmark is tested above
+        (gate / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = run(gate, "python", "-m", "stages.forgetting", check=False)
+        records = [json.loads(x) for x in log.read_text().splitlines()]
+        return proc, records
+
+    before = (gate / "data/forgetting/metrics.json").read_bytes()
+    proc, records = forgetting(rise / 2, "fail")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"forgetting gate: the {model} model forgot too much to be released" in proc.stderr
+    assert records[-1]["kind"] == "forgetting.gate" and records[-1]["action"] == "fail"  # audited, no stage record
+    assert records[-1]["increase"] == pytest.approx(rise, abs=1e-5)
+    assert (gate / "data/forgetting/metrics.json").read_bytes() == before  # nothing released
+
+    proc, records = forgetting(rise / 2, "warn")
+    assert proc.returncode == 0 and "warning (gate.on_fail: warn)" in proc.stderr, proc.stderr[-2000:]
+    assert [r["kind"] for r in records[-2:]] == ["forgetting.gate", "stage"] and records[-2]["action"] == "warn"
+
+    proc, records = forgetting(rise * 2, "fail")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert records[-2]["kind"] == "forgetting.gate" and records[-2]["passed"] and records[-1]["stage"] == "forgetting"
+    assert json.loads((gate / "data/forgetting/metrics.json").read_text())["gate"]["action"] == "pass"
+    run(gate, "lmforge", "audit", "verify", "--log", "audit/log.jsonl")
+
+
 def test_second_repro_runs_nothing(repo: Path) -> None:
     proc = run(repo, "dvc", "repro")
     assert "Running stage" not in proc.stdout
@@ -136,6 +190,9 @@ def test_audit_chain_records_every_stage(repo: Path) -> None:
     at = records.index(next(r for r in stages if r["stage"] == "govern"))
     assert records[at - len(decisions):at] == decisions
     assert all(r["stage"] == "govern" and r["mlflow_run_id"] == records[at]["mlflow_run_id"] for r in decisions)
+    gates = [r for r in records if r["kind"] == "forgetting.gate"]
+    assert len(gates) == 1 and gates[0]["action"] == "pass"
+    assert records[records.index(gates[0]) + 1]["stage"] == "forgetting"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     for r in stages:
         assert r["mlflow_run_id"] and r["code"]["commit"]
@@ -156,6 +213,9 @@ def test_mlflow_parent_and_children(repo: Path) -> None:
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert c.data.params and c.data.metrics and c.inputs.dataset_inputs, c.info.run_name
         assert all(len(d.dataset.digest) > 8 for d in c.inputs.dataset_inputs)
+    forgetting = next(c for c in children if c.info.run_name == "forgetting")
+    figures = {a.path for a in client.list_artifacts(forgetting.info.run_id, "plots")}
+    assert {"plots/acc_bwt.png", "plots/retention.png", "plots/heatmap_replay.png"} <= figures
     head = (repo / "audit/head.json").read_text()
     assert parents[0].data.tags["audit.head_hash"] == json.loads(head)["hash"]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lmforge.chat import ChatError, render
+from lmforge.config import build as build_config
 from lmforge.data.chats import (
     ChatSet,
     Conversation,
@@ -20,8 +21,8 @@ from lmforge.data.chats import (
     table,
 )
 from lmforge.data.mathgen import extract_answer
-from lmforge.errors import InputError, LmforgeError
-from lmforge.sft import chat_split, exact_match
+from lmforge.errors import ConfigError, InputError, LmforgeError
+from lmforge.sft import SFTConfig, chat_split, exact_match
 from lmforge.train.data import PackedRows
 
 SETS = [ChatSet(name="w", kind="math_word", n=40), ChatSet(name="a", kind="math_arithmetic", n=40),
@@ -123,6 +124,9 @@ def test_bad_sets_are_config_errors() -> None:
         ChatSet(name="f", kind="jsonl")
     with pytest.raises(LmforgeError, match="unique"):
         build([ChatSet(name="d", kind="drill", n=1)] * 2, 0)
+    with pytest.raises(ConfigError, match=r"sft.data.pretrain_fraction: must be in \[0, 1\) \(got 1.0\)"):
+        build_config(SFTConfig, {"data": {"sets": [{"name": "d", "kind": "drill", "n": 1}], "pretrain_fraction": 1.0},
+                                 "train": {"steps": 1}}, "params.yaml: sft")
 
 
 def test_rst_faq_sections_become_conversations(tmp_path: Path) -> None:

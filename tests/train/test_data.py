@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmforge.tokens import TokenSplit
-from lmforge.train.data import PackedRows, Plan, fixed_rows, pack
+from lmforge.train.data import Blend, PackedRows, Plan, fixed_rows, pack
 
 SEQ_LEN = 16
 ROW_LEN = SEQ_LEN + 1
@@ -304,3 +304,45 @@ def test_many_tiny_documents_still_fill_rows() -> None:
     lengths = [4] * 700
     n_rows, lost = _lost_targets(lengths, 1025)
     assert n_rows >= 2 and lost < 1025, f"{n_rows} rows, {lost} of 2100 tokens never a target"
+
+
+def _const_split(value: int, n_docs: int = 64, doc_len: int = 20) -> TokenSplit:
+    tokens = np.full(n_docs * doc_len, value, dtype=np.uint16)
+    tokens[::doc_len] = 0  # each document BOS-first
+    return TokenSplit(tokens=tokens, offsets=np.arange(0, n_docs * doc_len + 1, doc_len, dtype=np.int64),
+                      index={}, bos_id=0)
+
+
+def test_blend_puts_its_share_of_extra_rows_in_every_step_with_all_targets_counted() -> None:
+    main_split = _const_split(5)
+    mask = main_split.tokens == 5
+    mask[1::2] = False  # the main source's mask hides every other token
+    main = PackedRows(main_split, 8, seed=0, mask=mask)
+    blend = Blend(main, PackedRows(_const_split(7), 8, seed=1), 0.25, seed=3)
+    for _ in range(5):
+        batches = blend.next_step(16, 4)
+        x = torch.cat([b["inputs"] for b in batches])
+        y = torch.cat([b["targets"] for b in batches])
+        extra = (x == 7).any(1)
+        assert int(extra.sum()) == 4  # round(0.25 x 16) rows of the extra source each step
+        assert not (y[extra] == -1).any()  # every target of an extra row counts
+        assert (y[~extra] == -1).any()  # the main source's mask still applies
+    state = blend.state_dict()
+    want = blend.next_step(16, 4)
+    again = Blend(PackedRows(main_split, 8, seed=0, mask=mask), PackedRows(_const_split(7), 8, seed=1), 0.25, seed=3)
+    again.load_state_dict(state)
+    for a, b in zip(again.next_step(16, 4), want, strict=True):
+        torch.testing.assert_close(a["inputs"], b["inputs"])
+        torch.testing.assert_close(a["targets"], b["targets"])
+
+
+def test_blend_ranks_take_slices_of_one_global_step() -> None:
+    def make(rank: int, world: int) -> Blend:
+        return Blend(PackedRows(_const_split(5), 8, seed=0), PackedRows(_const_split(7), 8, seed=1), 0.5,
+                     seed=2, rank=rank, world=world)
+
+    whole = torch.cat([b["inputs"] for b in make(0, 1).next_step(8, 2)])
+    parts = torch.cat([b["inputs"] for r in range(2) for b in make(r, 2).next_step(8, 2)])
+    torch.testing.assert_close(parts, whole)
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
+        Blend(PackedRows(_const_split(5), 8, seed=0), PackedRows(_const_split(7), 8, seed=1), 1.0, seed=0)

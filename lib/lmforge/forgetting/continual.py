@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import model_validator
+from torch import nn
 
 from ..config import Config
 from ..model import GPT
@@ -34,7 +35,7 @@ from ..train.dist import Dist
 from ..train.evaluate import bits_per_byte
 from ..train.governor import Governor, GovernorConfig
 from ..train.groups import GroupSpec, partition
-from ..train.loop import LM, Data, Objective, Plugin, fit
+from ..train.loop import LM, Data, Evaluate, Objective, Plugin, fit
 from . import persistence as persistence_loss
 from .ewc import EWC
 from .persistence import PersistenceConfig
@@ -101,8 +102,7 @@ class Domain:
 
 def domains(train: dict[str, TokenSplit], val: dict[str, TokenSplit], seq_len: int, eval_rows: int) -> list[Domain]:
     return [Domain(name, train[name], fixed_rows(val[name], seq_len, eval_rows),
-                   fixed_rows(train[name], seq_len, max(eval_rows, 1) if eval_rows else 32))
-            for name in train]
+                   fixed_rows(train[name], seq_len, eval_rows or 32)) for name in train]
 
 
 def stream(domain: Domain, seq_len: int, seed: int, k: int) -> PackedRows:
@@ -130,19 +130,21 @@ def run_sequence(method: Method, seed: int, init: Callable[[int], GPT], doms: li
         data: Data = current
         objective: Objective = LM
         plugin: Plugin | None = None
-        evaluate = None
+        evaluate: Evaluate | None = None
         if method.kind == "replay":
             data = replay(current, memories, method.fraction, seed * 1000 + k)
-        elif method.kind == "ewc":
+        elif ewc is not None:
             objective = ewc.objective()
         elif method.kind == "persistence":
             objective = persistence_loss.objective(method.persistence)
         elif method.kind == "governed":
             plugin = Governor(method.governor, partition(model, method.groups, where=f"method '{method.name}'.groups"))
-            rows = dom.dev_rows
-            evaluate = lambda m, rows=rows: bits_per_byte(m, rows, tbytes, dist, micro_batch=tcfg.micro_batch)  # noqa: E731
-        fit(model, objective, data, tcfg, dist=dist, total_steps=tcfg.total_steps(model.config.n_params()), d_model=model.config.d_model,
-            evaluate=evaluate, plugin=plugin)
+
+            def evaluate(m: nn.Module, rows: np.ndarray = dom.dev_rows) -> dict[str, float]:
+                return bits_per_byte(m, rows, tbytes, dist, micro_batch=tcfg.micro_batch)
+
+        fit(model, objective, data, tcfg, dist=dist, total_steps=tcfg.total_steps(model.config.n_params()),
+            d_model=model.config.d_model, evaluate=evaluate, plugin=plugin)
         for p in model.parameters():  # a governed run leaves groups frozen
             p.requires_grad_(True)
         if ewc is not None and k + 1 < len(doms):
