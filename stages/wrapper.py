@@ -185,6 +185,18 @@ def _relaunch_under_torchrun(name: str, config_cls: type[StageConfig], root: Pat
         os.execv(sys.executable, cmd)
 
 
+def _append(audit: AuditLog, records: list[dict[str, Any]], runs: tuple[str, ...]) -> None:
+    """Append `records` to the audit chain in order and anchor its new head on the MLflow `runs`."""
+    appended = None
+    for r in records:
+        appended = audit.append(r)
+    if appended is not None:
+        anchor = {"audit.chain_id": audit.chain_id(), "audit.head_hash": appended["hash"],
+                  "audit.count": str(appended["seq"] + 1)}
+        for run_id in runs:
+            tracking.set_tags(run_id, anchor)
+
+
 def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) -> dict[str, Any]:
     """Run stage `name` in the repo at `root`; return its metrics. Raises on failure."""
     t0, started = time.perf_counter(), _now()
@@ -225,12 +237,15 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             # 4-5. run, check, publish atomically
             steps = tracking.MetricBuffer(run_id)
             ctx = RunContext(scratch=scratch, sink=steps.add)
+
+            def decisions() -> list[dict[str, Any]]:
+                return [{**d, "stage": name, "mlflow_run_id": run_id} for d in ctx.decisions]
+
             try:
                 metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
             except Refused:
                 # a refusal is a decision too: it is audited though the stage fails
-                for decision in ctx.decisions:
-                    audit.append({**decision, "stage": name, "mlflow_run_id": run_id})
+                _append(audit, decisions(), (run_id, parent))
                 raise
             finally:
                 steps.flush()
@@ -242,8 +257,6 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             for artifact in (f"{spec.out_dir}/metrics.json", *spec.plots):
                 tracking.log_artifact(run_id, root / artifact)
             # 7. audit (the run's decisions, then the stage), and its head anchored on the MLflow runs
-            for decision in ctx.decisions:
-                audit.append({**decision, "stage": name, "mlflow_run_id": run_id})
             record = build_stage_record(
                 stage=name,
                 inputs=input_digests,
@@ -256,11 +269,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
                 started=started,
                 finished=_now(),
             )
-            appended = audit.append(record)
-            anchor = {"audit.chain_id": audit.chain_id(), "audit.head_hash": appended["hash"],
-                      "audit.count": str(appended["seq"] + 1)}
-            tracking.set_tags(run_id, anchor)
-            tracking.set_tags(parent, anchor)
+            _append(audit, [*decisions(), record], (run_id, parent))
     except BaseException:
         if owns_parent:
             tracking.set_status(parent, "FAILED")
