@@ -226,9 +226,6 @@ def test_clean_rerun_is_byte_identical(repo: Path, tmp_path: Path) -> None:
     assert lock_outs(again) == lock_outs(repo)
 
 
-@pytest.mark.xfail(reason="known intermittent bug, open: once (of four runs) the governed model of `govern` under "
-                          "the Prefect flow ended ~1e-5 (val loss) from the dvc repro one, with identical governor "
-                          "events; every other output matched. Cause not yet found")
 def test_prefect_flow_leaves_the_same_dvc_lock(repo: Path, tmp_path: Path) -> None:
     flowed = copy_repo(tmp_path / "flow")
     run(flowed, "python", "-m", "pipelines.flow")
