@@ -10,21 +10,29 @@ import numpy as np
 from ..atomic import write_bytes
 
 
-def _png(fig: object, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})  # type: ignore[attr-defined]
-    write_bytes(path, buf.getvalue())
-
-
-def heatmap(R: np.ndarray, b: np.ndarray, domains: list[str], title: str, path: Path) -> None:
-    """R (mean over seeds) with the scores at initialisation as the first row."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display; imported only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig: Any, path: Path) -> None:
+    """Write `fig` as a PNG atomically (no version metadata, so the bytes repeat) and close it."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    write_bytes(path, buf.getvalue())
+    _pyplot().close(fig)
+
+
+def heatmap(R: np.ndarray, b: np.ndarray, domains: list[str], title: str, path: Path) -> None:
+    """R (mean over seeds) with the scores at initialisation as the first row."""
+    plt = _pyplot()
     grid = np.vstack([b[None, :], R])
     rows = ["init"] + [f"after {d}" for d in domains]
     fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 2.5, 0.6 * len(rows) + 1.6))
@@ -40,16 +48,11 @@ def heatmap(R: np.ndarray, b: np.ndarray, domains: list[str], title: str, path: 
     ax.set_title(title)
     fig.tight_layout()
     _png(fig, path)
-    plt.close(fig)
 
 
 def acc_bwt_bars(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     """ACC and BWT (mean ± std over seeds) by method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(2 + 1.2 * len(names), 3.6))
     for ax, key, label in zip(axes, ("acc", "bwt"), ("ACC (higher is better)", "BWT (negative: forgetting)"),
@@ -67,16 +70,11 @@ def acc_bwt_bars(summary: dict[str, dict[str, dict[str, float]]], path: Path) ->
     fig.suptitle("next-token accuracy over seeds (mean ± std)")
     fig.tight_layout()
     _png(fig, path)
-    plt.close(fig)
 
 
 def retention_bars(tab: dict[str, dict[str, Any]], path: Path) -> None:
     """Val bpb per mix source (and over all of them) for each model of the DAG, grouped by source."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     models = list(tab)
     sources = sorted(next(iter(tab.values()))["by_source"]) + ["all"]
     width = 0.8 / len(models)
@@ -90,4 +88,3 @@ def retention_bars(tab: dict[str, dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     _png(fig, path)
-    plt.close(fig)
