@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import model_validator
 
 from ..config import Config
@@ -44,19 +45,26 @@ class GateConfig(Config):
         return self
 
 
+def source_rows(val: dict[str, TokenSplit], seq_len: int, eval_rows: int) -> dict[str, np.ndarray]:
+    return {s: fixed_rows(split, seq_len, eval_rows) for s, split in val.items()}
+
+
+def score(model: torch.nn.Module, rows: dict[str, np.ndarray], tbytes: np.ndarray, dist: Dist, *,
+          micro_batch: int) -> dict[str, Any]:
+    """{"val_bpb", "by_source": {source: bpb}} of one model: bpb per source, and over all sources
+    (total bits over total bytes)."""
+    weights = {s: float(tbytes[r[:, 1:]].sum()) for s, r in rows.items()}
+    by_source = {s: bits_per_byte(model, r, tbytes, dist, micro_batch=micro_batch)["val_bpb"] for s, r in rows.items()}
+    total = sum(by_source[s] * weights[s] for s in rows) / sum(weights.values())
+    return {"val_bpb": total, "by_source": by_source}
+
+
 def table(models: dict[str, Path], val: dict[str, TokenSplit], tbytes: np.ndarray, cfg: RetentionConfig,
           dist: Dist) -> dict[str, dict[str, Any]]:
     """{model: {"val_bpb", "by_source": {source: bpb}}}; every model on the same rows."""
-    rows = {s: fixed_rows(split, cfg.seq_len, cfg.eval_rows) for s, split in val.items()}
-    weights = {s: float(tbytes[r[:, 1:]].sum()) for s, r in rows.items()}
-    out: dict[str, dict[str, Any]] = {}
-    for name, model_dir in models.items():
-        model, _ = load_model(model_dir, device=dist.device)
-        by_source = {s: bits_per_byte(model, r, tbytes, dist, micro_batch=cfg.micro_batch)["val_bpb"]
-                     for s, r in rows.items()}
-        total = sum(by_source[s] * weights[s] for s in rows) / sum(weights.values())
-        out[name] = {"val_bpb": total, "by_source": by_source}
-    return out
+    rows = source_rows(val, cfg.seq_len, cfg.eval_rows)
+    return {name: score(load_model(model_dir, device=dist.device)[0], rows, tbytes, dist, micro_batch=cfg.micro_batch)
+            for name, model_dir in models.items()}
 
 
 def decide(tab: dict[str, dict[str, Any]], cfg: GateConfig) -> dict[str, Any]:
