@@ -63,6 +63,7 @@ def _cmd_profile_apply(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .chat_cli import add_parser as add_chat
     from .engine import add_sampling_args
+    from .forge.cli import add_parser as add_forge
 
     p = argparse.ArgumentParser(
         prog="lmforge",
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     add_chat(sub)
+    add_forge(sub)
 
     pr = sub.add_parser("profile", help="apply a profile (profiles/<name>.yaml) onto params.yaml")
     psub = pr.add_subparsers(dest="profile_command", required=True, metavar="ACTION")

@@ -206,20 +206,23 @@ class Split:
 def unrelated(real: Sequence[Fact], texts: Sequence[str], n: int, seed: int, *, words: int = 8) -> Split:
     """`n` anchor and `n` held-out prompts unrelated to made-up facts: half real-fact prompts
     (a training template for anchors, a paraphrase for held-out), half the first `words` words of
-    text documents. Anchors and held-out prompts share no fact and no document."""
+    text documents (all real-fact prompts when there are no texts). Anchors and held-out prompts
+    share no fact and no document."""
     rng = random.Random(seed)
     real = sorted(real, key=lambda f: (f.relation, f.subject))
-    texts = [t for t in texts if len(t.split()) > words]
-    rng.shuffle(real := list(real))
-    rng.shuffle(texts := list(texts))
-    half = n // 2
-    if len(real) < 2 * half or len(texts) < 2 * (n - half):
-        raise ValueError(f"need {2 * half} real facts and {2 * (n - half)} documents for {n} unrelated prompts "
-                         f"each way (have {len(real)} and {len(texts)})")
+    docs = sorted(t for t in texts if len(t.split()) > words)
+    rng.shuffle(real)
+    rng.shuffle(docs)
+    n_real = n // 2 if docs else n
+    n_docs = n - n_real
+    if len(real) < 2 * n_real or len(docs) < 2 * n_docs:
+        raise ValueError(f"need {2 * n_real} real facts and {2 * n_docs} documents for {n} unrelated prompts "
+                         f"each way (have {len(real)} and {len(docs)})")
+
     def prefix(t: str) -> str:
         return " ".join(t.split()[:words])
     return Split(
-        anchor=[f.prompts()[0] for f in real[:half]] + [prefix(t) for t in texts[:n - half]],
-        heldout=[(f.paraphrase_prompts() or f.prompts())[0] for f in real[half:2 * half]]
-        + [prefix(t) for t in texts[n - half:2 * (n - half)]],
+        anchor=[f.prompts()[0] for f in real[:n_real]] + [prefix(t) for t in docs[:n_docs]],
+        heldout=[(f.paraphrase_prompts() or f.prompts())[0] for f in real[n_real:2 * n_real]]
+        + [prefix(t) for t in docs[n_docs:2 * n_docs]],
     )

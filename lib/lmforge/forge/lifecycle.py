@@ -15,6 +15,7 @@ from typing import Any
 
 import tiktoken
 import torch
+from pydantic import field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,6 +39,13 @@ class GateConfig(Config):
     efficacy: float = 0.9
     paraphrase: float = 0.7
     locality: float = 0.95
+
+    @field_validator("efficacy", "paraphrase", "locality")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"a gate threshold is a share of prompts, within [0, 1] (got {v})")
+        return v
 
 
 class RouterConfig(Config):
