@@ -88,6 +88,20 @@ def test_outputs_and_metrics(repo: Path) -> None:
     assert len(R) == len(R[0]) == len(bench["domains"])
     plots = sorted(p.name for p in (repo / "data/forgetting/plots").iterdir())
     assert plots == sorted(["acc_bwt.png", "retention.png"] + [f"heatmap_{m}.png" for m in bench["methods"]])
+    forge = json.loads((repo / "data/forge/metrics.json").read_text())
+    assert forge["n_facts"] == 12 and forge["n_deltas_forged"] == 2, forge
+    for m in (forge, forge["unrouted"], forge["baselines"]["lora"], forge["baselines"]["full"]):
+        assert all(0.0 <= m[k] <= 1.0 for k in ("efficacy", "paraphrase", "locality")), m
+    assert forge["locality"] == 1.0 and forge["routing"]["unrelated_prompts_activating"] == 0.0, forge
+    assert set(forge["retention"]) == {"rl", "forge", "forge_unrouted", "lora", "full"}
+    assert all(set(r["by_source"]) == set(mix["sources"]) for r in forge["retention"].values())
+    assert forge["retention"]["forge"] == forge["retention"]["rl"]  # no subject in the mix: nothing routed
+    assert forge["removal"]["logits_equal_after_removal"] and forge["removal"]["base_sha256_unchanged"], forge
+    assert forge["consolidation"]["accepted"] and forge["registry"]["ids"] == [forge["consolidation"]["id"]]
+    adapters = sorted(p.name for p in (repo / "data/forge/adapters").iterdir())
+    assert adapters == forge["registry"]["ids"] == sorted(p.name for p in (repo / "data/forge/registry").iterdir())
+    assert sorted(p.name for p in (repo / "data/forge/adapters" / adapters[0]).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
 
 
 def _stage_with_user_file(repo: Path, tmp_path: Path, stage: str, rel: str, lines: list[object],
@@ -193,6 +207,8 @@ def test_audit_chain_records_every_stage(repo: Path) -> None:
     gates = [r for r in records if r["kind"] == "forgetting.gate"]
     assert len(gates) == 1 and gates[0]["action"] == "pass"
     assert records[records.index(gates[0]) + 1]["stage"] == "forgetting"
+    at = records.index(next(r for r in stages if r["stage"] == "forge"))
+    assert [r["kind"] for r in records[at - 3:at]] == ["forge.register", "forge.register", "forge.consolidate"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     for r in stages:
         assert r["mlflow_run_id"] and r["code"]["commit"]

@@ -128,6 +128,8 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
     forger = Forger(model, enc, split, cfg.lifecycle(), dist=dist)
     base_sha = forger.base_sha256
     reg = forger.registry(out / "registry")
+    for d in ("registry", "adapters"):
+        (out / d).mkdir(parents=True, exist_ok=True)  # declared outputs, even if every delta is refused
     provenance = {"stage": "forge", "model": model_dir.as_posix(), "model_sha256": meta["files"]["model.safetensors"],
                   "commit": _git(Path("."), "rev-parse", "HEAD"), "facts": f"invented(n={cfg.facts.invented}, "
                   f"seed={cfg.facts.seed})", "delta": cfg.delta.model_dump(mode="json")}
