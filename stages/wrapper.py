@@ -42,7 +42,7 @@ from lmforge import atomic, tracking
 from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
-from lmforge.digest import sha256_json, sha256_path
+from lmforge.digest import sha256_file, sha256_json, sha256_path
 from lmforge.errors import ConfigError, InputError, LmforgeError, Refused
 from lmforge.runtime import code_version, environment
 from stages import dag
@@ -148,6 +148,19 @@ def _run_and_publish(
     return metrics
 
 
+def _code_digests(root: Path, spec: dag.StageSpec) -> dict[str, str]:
+    """Digests of the stage's non-data deps (its code), bytecode caches left out."""
+    out = {}
+    for dep in spec.deps:
+        if dep in spec.data_deps:
+            continue
+        path = root / dep
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith("."))
+        out[dep] = sha256_json([[p.relative_to(root).as_posix(), sha256_file(p)] for p in files])
+    return out
+
+
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     return int(os.environ.get("RANK", "0"))
@@ -213,9 +226,10 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     inputs = _inputs(root, spec)
     input_digests = {dep: sha256_path(root / dep) for dep in spec.data_deps}
     params_digest = cfg.digest()  # before the run: nothing the run does can change what is recorded
-    # Resumable state is keyed by params and inputs: a run killed under other params or other
-    # data is never resumed by this one.
-    scratch = root / SCRATCH_DIR / name / sha256_json({"params": params_digest, "inputs": input_digests})[:16]
+    # Resumable state is keyed by params, inputs and code: a run killed under other params, other
+    # data or other code is never resumed by this one (its checkpoints would mix two versions).
+    scratch = root / SCRATCH_DIR / name / sha256_json(
+        {"params": params_digest, "inputs": input_digests, "code": _code_digests(root, spec)})[:16]
     if _rank() != 0:
         return _follow(run, cfg, inputs, scratch)
     code = code_version(root)

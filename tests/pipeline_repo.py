@@ -23,7 +23,9 @@ def copy_repo(dest: Path, profile: str | None = "ci") -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    env = env_for(dest)
+    # a fixed author and date: two copies of one working tree are one commit (same hash, same
+    # time), as two clones of a commit are, so what records the commit is comparable across copies
+    env = env_for(dest) | {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00+00:00", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+00:00"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)

@@ -109,15 +109,20 @@ def test_kill_minus_nine_then_rerun_gives_the_same_weights(repo: Path, reference
     assert not list((repo / "data").glob(".pretrain.*"))  # no staging or half-swapped dirs left
 
 
-def test_corrupt_checkpoint_is_refused_naming_the_file(repo: Path, reference: tuple[str, str, float]) -> None:
-    before = (repo / "data/pretrain/model/model.safetensors").read_bytes()
+def kill_after_step(repo: Path, step: int) -> None:
+    """Start the stage and SIGKILL it once a checkpoint of `step` or later exists."""
     proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo, env=env_for(repo),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while latest_step(repo) < 8 and proc.poll() is None and time.monotonic() < deadline:
+    while latest_step(repo) < step and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_corrupt_checkpoint_is_refused_naming_the_file(repo: Path, reference: tuple[str, str, float]) -> None:
+    before = (repo / "data/pretrain/model/model.safetensors").read_bytes()
+    kill_after_step(repo, 8)
     pointer = next(repo.glob(".lmforge/scratch/pretrain/*/ckpt/latest.json"))
     ckpt = pointer.parent / json.loads(pointer.read_text())["checkpoint"]  # the one a re-run would load
     weights = ckpt / "model.safetensors"
@@ -130,6 +135,24 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(repo: Path, reference: tu
     assert "Traceback" not in bad.stderr
     assert (repo / "data/pretrain/model/model.safetensors").read_bytes() == before  # outputs untouched
     shutil.rmtree(repo / ".lmforge/scratch/pretrain")
+
+
+def test_a_killed_run_is_not_resumed_by_other_code(repo: Path, reference: tuple[str, str, float]) -> None:
+    """Checkpoints are keyed by code too: after an edit to a code dependency the re-run starts over
+    instead of finishing a run that an older version began."""
+    digest, _, _ = reference
+    kill_after_step(repo, 8)
+    assert latest_step(repo) >= 8
+    code = repo / "stages" / "pretrain.py"
+    original = code.read_text()
+    try:
+        code.write_text(original + "# an edit\n")
+        again = run(repo, "python", "-m", "stages.pretrain")
+    finally:
+        code.write_text(original)
+    assert "resuming from checkpoint" not in again.stderr
+    assert weights_digest(repo) == digest  # the edit changed nothing that computes
+    assert not (repo / ".lmforge/scratch/pretrain").exists()  # the stale checkpoints went too
 
 
 def test_bad_model_config_and_missing_shard_are_clear_errors(repo: Path, reference: tuple[str, str, float]) -> None:

@@ -24,6 +24,11 @@ def _git(root: Path, *args: str, strip: bool = True) -> str | None:
 _RUN_WRITTEN = ("dvc.lock", ".gitignore")
 
 
+def commit_time(root: str | Path) -> str | None:
+    """The committer time of HEAD (ISO 8601), or None outside git."""
+    return _git(Path(root), "log", "-1", "--format=%cI") or None
+
+
 def code_version(root: str | Path) -> dict[str, Any]:
     """Git commit, dirty flag and, when dirty, a digest of the uncommitted changes.
 

@@ -12,6 +12,7 @@ much as one object token): it keeps the delta from moving what it was not asked 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,6 @@ def forge(model: nn.Module, enc: tiktoken.Encoding, facts: Sequence[Fact], ancho
 def finetune(model: nn.Module, enc: tiktoken.Encoding, facts: Sequence[Fact], train: TrainConfig, *, dist: Dist,
              seed: int, ckpt_dir: Path | None = None, log: loop.Log | None = None) -> tuple[nn.Module, loop.Result]:
     """Every weight trained on the facts (a copy: `model` is not touched)."""
-    import copy
-
     tuned = copy.deepcopy(model).requires_grad_(True)
     data = _data(enc, facts, [], 0.0, seed, dist)
     torch.manual_seed(seed)

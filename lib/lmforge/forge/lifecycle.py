@@ -61,7 +61,7 @@ class LifecycleConfig(Config):
     registry: Policy = Policy()
 
 
-def _r(x: float) -> float:
+def rounded(x: float) -> float:
     return round(float(x), 6)
 
 
@@ -107,7 +107,7 @@ class Forger:
         return subject_keys(self.model, self.enc, [f.subject for f in facts])
 
     def evaluate(self, fn: Callable[[torch.Tensor, Sequence[int]], torch.Tensor], facts: Sequence[Fact]) -> dict[str, float]:
-        return {k: _r(v) for k, v in score(fn, self.enc, facts, self.unrelated.heldout, self.base_top,
+        return {k: rounded(v) for k, v in score(fn, self.enc, facts, self.unrelated.heldout, self.base_top,
                                            device=self.dist.device).items()}
 
     def train(self, facts: Sequence[Fact], *, seed: int, steps: int | None = None, init: Delta | None = None,

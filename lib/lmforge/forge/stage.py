@@ -8,7 +8,7 @@ routed, consolidated and exported as PEFT adapters, against two baselines on the
    batch is forged into one delta on the frozen RL model (lmforge.forge.forging), validated
    alone through the router (efficacy, paraphrase, locality against `gate`) and, if it passes,
    added to the registry (base hash, overlap and capacity checks). Each validation and each
-   refusal is a `forge.validate` / `forge.refuse` audit record.
+   refusal is a `forge.register` / `forge.refuse` audit record.
 2. The registry's deltas, composed and routed per prompt: the headline efficacy, paraphrase and
    locality on every fact; the same with every delta forced on (no routing) for comparison.
 3. Consolidation: the category's deltas merged by truncated SVD (lmforge.forge.consolidate); the
@@ -24,6 +24,7 @@ Outputs: `registry/` (the deltas), `adapters/<id>/` (PEFT LoRA adapters) and the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..context import RunContext
 from ..errors import ConfigError
 from ..forgetting import retention
 from ..forgetting.domains import source_splits
-from ..runtime import _git
+from ..runtime import code_version, commit_time
 from ..tokenizer import load_encoder
 from ..tokens import read_index, split_files
 from ..train import dist as tdist
@@ -47,7 +48,7 @@ from ..weights import load_model, tokenizer_path
 from . import facts, forging
 from .delta import Adapted, Delta, applied, weights_sha256
 from .evaluate import encode, pad
-from .lifecycle import Forger, LifecycleConfig, _r, cached
+from .lifecycle import Forger, LifecycleConfig, cached, rounded
 from .peft import write_adapter
 from .registry import Registry
 
@@ -97,7 +98,7 @@ def texts(mix_dir: Path) -> list[str]:
 
 def created(root: Path = Path(".")) -> str:
     """The commit time of the code that forged a delta: a clean re-run writes the same bytes."""
-    return _git(root, "log", "-1", "--format=%cI") or "unknown"
+    return commit_time(root) or "unknown"
 
 
 def run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out_dir: str | Path,
@@ -130,9 +131,11 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
     reg = forger.registry(out / "registry")
     for d in ("registry", "adapters"):
         (out / d).mkdir(parents=True, exist_ok=True)  # declared outputs, even if every delta is refused
-    provenance = {"stage": "forge", "model": model_dir.as_posix(), "model_sha256": meta["files"]["model.safetensors"],
-                  "commit": _git(Path("."), "rev-parse", "HEAD"), "facts": f"invented(n={cfg.facts.invented}, "
-                  f"seed={cfg.facts.seed})", "delta": cfg.delta.model_dump(mode="json")}
+    # paths relative to the working directory (the repo root for a stage): the same in every clone
+    provenance = {"stage": "forge", "model": Path(os.path.relpath(model_dir)).as_posix(),
+                  "model_sha256": meta["files"]["model.safetensors"], "commit": code_version(Path("."))["commit"],
+                  "facts": f"invented(n={cfg.facts.invented}, seed={cfg.facts.seed})",
+                  "delta": cfg.delta.model_dump(mode="json")}
     when = created()
 
     def base_fn(x: torch.Tensor, _n: Sequence[int]) -> torch.Tensor:
@@ -196,7 +199,7 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
     ret = {}
     for name, net in nets.items():
         t = retention.score(net, rows, tbytes, dist, micro_batch=cfg.retention.micro_batch)
-        ret[name] = {"val_bpb": _r(t["val_bpb"]), "by_source": {s: _r(v) for s, v in sorted(t["by_source"].items())}}
+        ret[name] = {"val_bpb": rounded(t["val_bpb"]), "by_source": {s: rounded(v) for s, v in sorted(t["by_source"].items())}}
     removal["base_sha256_unchanged"] = weights_sha256(model) == base_sha
     if not removal["base_sha256_unchanged"]:
         raise AssertionError("the base model's weights changed during the forge stage")  # a bug, never expected
@@ -210,8 +213,8 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
         "released_by_forgetting_gate": gate_rec.get("passed"),
         **forged,
         "unrouted": forced,
-        "routing": {"fact_prompts_to_their_delta": _r(sum(to_owner) / max(len(to_owner), 1)),
-                    "unrelated_prompts_activating": _r(sum(false_hits) / max(len(false_hits), 1))},
+        "routing": {"fact_prompts_to_their_delta": rounded(sum(to_owner) / max(len(to_owner), 1)),
+                    "unrelated_prompts_activating": rounded(sum(false_hits) / max(len(false_hits), 1))},
         "deltas": per_delta,
         "consolidation": consolidation,
         "removal": removal,
