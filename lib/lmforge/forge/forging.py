@@ -21,6 +21,7 @@ import numpy as np
 import tiktoken
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..config import Config
@@ -33,12 +34,12 @@ from .facts import Fact
 
 
 class DeltaConfig(Config):
-    rank: int = 16
-    alpha: float = 32.0
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
     layers: list[int] | None = None      # null: the middle band (lmforge.forge.delta.middle_band)
-    projections: list[str] = ["gate_proj", "up_proj", "down_proj"]
-    kl_weight: float = 1.0               # anchor KL per position, relative to one object token
-    anchor_fraction: float = 0.25        # share of each batch's rows that are anchors
+    projections: list[str] = Field(["gate_proj", "up_proj", "down_proj"], min_length=1)
+    kl_weight: float = Field(1.0, ge=0)              # anchor KL per position, relative to one object token
+    anchor_fraction: float = Field(0.25, ge=0, lt=1)  # share of each batch's rows that are anchors
 
 
 class FactRows:

@@ -15,7 +15,7 @@ from typing import Any
 
 import tiktoken
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,8 +49,8 @@ class GateConfig(Config):
 
 
 class RouterConfig(Config):
-    top_k: int = 2
-    min_similarity: float = 0.98
+    top_k: int = Field(2, ge=1)
+    min_similarity: float = Field(0.98, ge=-1, le=1)  # cosine
 
 
 class LifecycleConfig(Config):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -49,8 +50,8 @@ _ID = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class Policy(Config):
-    max_overlap: float = 0.5      # refuse a delta whose subspace overlaps a registered one more than this
-    capacity: float = 0.5         # per module, registered ranks <= capacity x min(out, in)
+    max_overlap: float = Field(0.5, ge=0, le=1)  # refuse a delta whose subspace overlaps a registered one more than this
+    capacity: float = Field(0.5, gt=0, le=1)     # per module, registered ranks <= capacity x min(out, in)
 
 
 class RegistryRefused(LmforgeError):

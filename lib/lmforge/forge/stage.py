@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field
 
 from ..config import Config, StageConfig
 from ..context import RunContext
@@ -54,28 +55,28 @@ from .registry import Registry
 
 
 class FactsConfig(Config):
-    invented: int = 120               # made-up facts forged: the headline test
+    invented: int = Field(120, ge=1)  # made-up facts forged: the headline test
     seed: int = 7
-    per_delta: int = 30               # facts per delta
+    per_delta: int = Field(30, ge=1)  # facts per delta
     category: str = "invented"
     real: str = "data/sources/facts.jsonl.gz"  # real facts (countries, WordNet): unrelated prompts
-    unrelated: int = 120              # anchor prompts, and as many held-out locality prompts
+    unrelated: int = Field(120, ge=2)  # anchor prompts, and as many held-out locality prompts
 
 
 class ConsolidateConfig(Config):
     enabled: bool = True
-    rank: int = 32
-    repair_steps: int = 100           # after the SVD cut, train the merged delta this long on all its facts
+    rank: int = Field(32, ge=1)
+    repair_steps: int = Field(100, ge=0)          # after the SVD cut, train the merged delta this long on all its facts
 
 
 class BaselinesConfig(Config):
-    lora_rank: int | None = None      # null: the sum of the deltas' ranks
+    lora_rank: int | None = Field(None, ge=1)  # null: the sum of the deltas' ranks
     full_train: TrainConfig           # the full fine-tune's loop; its steps are replaced (see run)
 
 
 class RetentionConfig(Config):
     seq_len: int = 256
-    eval_rows: int = 32               # validation rows per mix source (0: all)
+    eval_rows: int = Field(32, ge=0)  # validation rows per mix source (0: all)
     micro_batch: int = 16
 
 
