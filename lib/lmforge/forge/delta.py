@@ -158,14 +158,14 @@ def applied(model: nn.Module, deltas: Sequence[Delta]) -> Iterator[None]:
 
 
 class Adapted(nn.Module):
-    """`base` with `delta` applied on every forward: what the training loop trains (only the
-    delta's factors require gradients; the base is frozen)."""
+    """`base` with `deltas` applied on every forward: what the training loop trains (only the
+    deltas' factors can require gradients; the base is frozen), and what scores deltas forced on."""
 
-    def __init__(self, base: nn.Module, delta: Delta):
+    def __init__(self, base: nn.Module, *deltas: Delta):
         super().__init__()
-        self.base, self.delta = base, delta
+        self.base, self.deltas = base, nn.ModuleList(deltas)
         base.requires_grad_(False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        with applied(self.base, [self.delta]):
+        with applied(self.base, list(self.deltas)):  # type: ignore[arg-type]
             return self.base(idx, targets)

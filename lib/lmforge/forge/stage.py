@@ -47,7 +47,7 @@ from ..train.config import TrainConfig
 from ..train.evaluate import token_bytes
 from ..weights import load_model, tokenizer_path
 from . import facts, forging
-from .delta import Adapted, Delta, applied, weights_sha256
+from .delta import Adapted, applied, weights_sha256
 from .evaluate import encode, pad
 from .lifecycle import Forger, LifecycleConfig, cached, rounded
 from .peft import write_adapter
@@ -160,9 +160,9 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
     with applied(model, [e.delta for e in entries]):
         forced = forger.evaluate(base_fn, invented)
     rt = forger.router({e.id: e.key for e in entries})
-    to_owner = [rt.route([0] + enc.encode_ordinary(p)) == [owner[f.subject]]
+    to_owner = [rt.route(encode(enc, p)[0]) == [owner[f.subject]]
                 for f in accepted for p in f.prompts() + f.paraphrase_prompts()]
-    false_hits = [bool(rt.route([0] + enc.encode_ordinary(p))) for p in split.heldout]
+    false_hits = [bool(rt.route(encode(enc, p)[0])) for p in split.heldout]
 
     # 3. consolidation --------------------------------------------------------------------------------
     consolidation: dict[str, Any] = {"enabled": cfg.consolidate.enabled}
@@ -195,7 +195,7 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
     rows = retention.source_rows(source_splits(inputs["tokenizer/tokens"], Path(inputs["mix/val"]).parent, "val"),
                                  cfg.retention.seq_len, cfg.retention.eval_rows)
     final = reg.entries()
-    nets = {"rl": model, "forge": forger.routed(final), "forge_unrouted": _Forced(model, [e.delta for e in final]),
+    nets = {"rl": model, "forge": forger.routed(final), "forge_unrouted": Adapted(model, *[e.delta for e in final]),
             "lora": Adapted(model, lora), "full": tuned}
     ret = {}
     for name, net in nets.items():
@@ -224,18 +224,6 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
         "registry": {"ids": reg.ids(), "usage": reg.usage(final)},
         "gate": cfg.gate.model_dump(),
     }
-
-
-class _Forced(torch.nn.Module):
-    """Every delta on every row: what routing spares the rest of the model."""
-
-    def __init__(self, base: torch.nn.Module, deltas: list[Delta]):
-        super().__init__()
-        self.base, self.deltas = base, deltas
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with applied(self.base, self.deltas):
-            return self.base(x)
 
 
 def _removal(reg: Registry, forger: Forger, prompts: Sequence[str], work: Path) -> dict[str, Any]:
