@@ -397,7 +397,9 @@ class Attention(nn.Module):
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         gqa = self.n_head != self.n_kv_head
         if mask is None:  # training, or a prefill of an empty cache with no padding
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            # One cached decoding step attends to everything; with no cache causal is always
+            # right, and deciding it without T keeps the graph exportable with a symbolic T (ONNX).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
