@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.engine import DEFAULT_STOPS, GenerationError, complete, generate
+from lmforge.engine import DEFAULT_STOPS, GenerationError, complete, generate, steps
 from lmforge.model import GPT, ModelConfig
 from lmforge.tokenizer import BOS_ID, TokenizerConfig, load_encoder, save, train
 from lmforge.weights import save_model
@@ -99,6 +99,21 @@ def test_stop_tokens_end_each_row() -> None:
 def test_vocab_size_limits_sampling() -> None:
     out = generate(noisy_model(), PROMPTS, 30, seed=0, vocab_size=20)
     assert all(0 <= t < 20 for row in out for t in row)
+
+
+def test_logprobs_are_the_untempered_model_log_softmax() -> None:
+    """`steps(logprobs=True)` adds each token's log-probability under the raw logits (the whole
+    vocabulary, no temperature or filtering) and samples exactly the same tokens."""
+    model = noisy_model()
+    kw = {"temperature": 1.5, "top_k": 40, "seed": 4, "vocab_size": 500}
+    scored = list(steps(model, PROMPTS, 12, logprobs=True, **kw))
+    assert [(row, token) for row, token, _ in scored] == list(steps(model, PROMPTS, 12, **kw))
+    for row, prompt in enumerate(PROMPTS):
+        new = [token for r, token, _ in scored if r == row]
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + new]))[0].float().log_softmax(-1)
+        expect = [full[len(prompt) - 1 + i, token].item() for i, token in enumerate(new)]
+        assert [lp for r, _, lp in scored if r == row] == pytest.approx(expect, abs=1e-5)
 
 
 def test_bad_arguments_are_clear_errors() -> None:

@@ -1,5 +1,6 @@
 """`lmforge chat --model DIR`: a streaming terminal chat over any model directory whose tokenizer
-carries a chat template (data/sft/model, data/rl/model, ...).
+carries a chat template (data/sft/model, data/rl/model, ...) or a Hugging Face export of one
+(data/export/hf).
 
 Each line you type is a user turn; the reply streams as it is sampled, rendered with the same
 chat format as training (lmforge.chat). `/reset` starts over, `/exit` or end of input leaves.
@@ -14,26 +15,37 @@ import argparse
 import codecs
 import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
+import tiktoken
 import torch
 
 from .chat import Turns, prompt_ids
 from .engine import DEFAULT_STOPS, GenerationError, add_sampling_args, steps
 from .errors import InputError
-from .tokenizer import CONFIG_FILE, load_encoder
-from .weights import load_model, tokenizer_path
+from .export.hf import load_any
+from .model import GPT
+from .tokenizer import CONFIG_FILE
+from .weights import TOKENIZER_DIR
 
 
-def _require_template(model_dir: str) -> None:
-    path = tokenizer_path(model_dir) / CONFIG_FILE
+def load_chat_model(model_dir: str | Path, device: str | None = None) -> tuple[GPT, tiktoken.Encoding]:
+    """A model and encoder to chat with, from one of our model directories or a Hugging Face
+    export (lmforge.export.hf.load_any); refused when its tokenizer has no chat template."""
+    root = Path(model_dir)
+    tok_dir = root / TOKENIZER_DIR if (root / TOKENIZER_DIR).is_dir() else root
+    path = tok_dir / CONFIG_FILE
     try:
         template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
     except (OSError, ValueError) as e:
-        raise InputError(path, f"cannot read the tokenizer config ({e})", fix="point --model at a model directory") from None
+        raise InputError(path, f"cannot read the tokenizer config ({e})",
+                         fix="point --model at a model directory or an export (data/export/hf)") from None
     if not template:
         raise InputError(path, "the tokenizer has no chat template, so the model was not trained to chat",
                          fix="use a chat model (data/sft/model or data/rl/model), or re-run the tokenizer stage")
+    model, encoder, _ = load_any(root, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model, encoder
 
 
 def fit_context(turns: Turns, render_len: int, max_seq_len: int, max_new_tokens: int) -> Turns:
@@ -46,10 +58,7 @@ def fit_context(turns: Turns, render_len: int, max_seq_len: int, max_new_tokens:
 
 
 def chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    _require_template(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(args.model, device=device)
-    enc = load_encoder(tokenizer_path(args.model))
+    model, enc = load_chat_model(args.model, args.device)
     interactive = stdin.isatty()
     turns: Turns = [("system", args.system)] if args.system else []
     seed = args.seed
@@ -92,7 +101,7 @@ def chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", help="chat with a model in the terminal, the reply streaming as it is sampled")
-    c.add_argument("--model", required=True, help="model directory with a chat template (e.g. data/sft/model)")
+    c.add_argument("--model", required=True, help="model directory with a chat template (data/rl/model) or an export (data/export/hf)")
     c.add_argument("--system", default=None, help="a system turn to start every conversation with")
     c.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default: %(default)s)")
     add_sampling_args(c, temperature=0.7, top_k=50)

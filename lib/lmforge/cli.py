@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat_cli import add_parser as add_chat
     from .engine import add_sampling_args
     from .forge.cli import add_parser as add_forge
+    from .serve import add_parser as add_serve
 
     p = argparse.ArgumentParser(
         prog="lmforge",
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_dedup)
 
     g = sub.add_parser("generate", help="sample a continuation of a prompt from a model directory")
-    g.add_argument("--model", required=True, help="model directory (e.g. data/pretrain/model)")
+    g.add_argument("--model", required=True, help="model directory (data/pretrain/model) or an export (data/export/hf)")
     g.add_argument("--prompt", required=True, help="text to continue (encoded after <|bos|>)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per sample (default: %(default)s)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chat(sub)
     add_forge(sub)
+    add_serve(sub)
 
     pr = sub.add_parser("profile", help="apply a profile (profiles/<name>.yaml) onto params.yaml")
     psub = pr.add_subparsers(dest="profile_command", required=True, metavar="ACTION")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal, overload
 
 import tiktoken
 import torch
@@ -129,11 +130,26 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     return out
 
 
+@overload
+def steps(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = ...,
+          top_k: int | None = ..., top_p: float | None = ..., stop_tokens: Iterable[int] = ...,
+          seed: int | None = ..., use_cache: bool = ..., vocab_size: int | None = ...,
+          logprobs: Literal[False] = ...) -> Iterator[tuple[int, int]]: ...
+@overload
+def steps(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = ...,
+          top_k: int | None = ..., top_p: float | None = ..., stop_tokens: Iterable[int] = ...,
+          seed: int | None = ..., use_cache: bool = ..., vocab_size: int | None = ...,
+          logprobs: Literal[True]) -> Iterator[tuple[int, int, float]]: ...
 def steps(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
           top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-          seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None) -> Iterator[tuple[int, int]]:
+          seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None,
+          logprobs: bool = False) -> Iterator[tuple[int, int]] | Iterator[tuple[int, int, float]]:
     """`generate` as a stream: (row, token) for each new token as it is sampled, step by step
-    (rows in order within a step). Each step runs under inference mode, none across a yield."""
+    (rows in order within a step). Each step runs under inference mode, none across a yield.
+
+    With `logprobs`, (row, token, logprob): the token's log-probability under the model's own
+    distribution, the log-softmax of the raw logits over the whole vocabulary, before
+    `vocab_size`, temperature, top-k or top-p shape the draw (the same at any temperature)."""
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p, vocab_size)
     if max_new_tokens == 0:
         return
@@ -148,16 +164,20 @@ def steps(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, 
         logits, step = _cached(model, prompts, max_new_tokens) if use_cache else _uncached(model, prompts)
     for i in range(max_new_tokens):
         with torch.inference_mode():
+            scores = logits.float().log_softmax(-1) if logprobs else None  # before the cut below
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
             tokens = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            picked = scores.gather(-1, tokens[:, None])[:, 0].tolist() if scores is not None else None
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
             if token in stops:
                 done[row] = True
-            else:
+            elif picked is None:
                 yield row, token
+            else:
+                yield row, token, picked[row]
         if all(done) or i == max_new_tokens - 1:
             break
         with torch.inference_mode():
@@ -188,14 +208,12 @@ def add_sampling_args(p: argparse.ArgumentParser, *, temperature: float, top_k: 
 
 def cli_generate(args: argparse.Namespace) -> int:
     """`lmforge generate`: print continuations of a prompt from a model directory."""
-    from .tokenizer import load_encoder
-    from .weights import load_model, tokenizer_path
+    from .export.hf import load_any
 
     if args.num_samples < 1:
         raise GenerationError(f"--num-samples must be >= 1 (got {args.num_samples})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(args.model, device=device)
-    encoder = load_encoder(tokenizer_path(args.model))
+    model, encoder, _ = load_any(args.model, device=device)  # our model directory or an HF export
     rows = generate(model, [encode_prompt(encoder, args.prompt)] * args.num_samples, args.max_new_tokens,
                     temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop_tokens=DEFAULT_STOPS, seed=args.seed, vocab_size=encoder.n_vocab)
