@@ -43,6 +43,8 @@ class StageSpec:
     params: tuple[str, ...]
     runner: str
     gpus: int
+    model: str | None = None               # meta.model: the output that is a model (an MLflow LoggedModel)
+    register: dict[str, str] | None = None  # meta.register: {name, alias} in the MLflow model registry
 
     @property
     def out_dir(self) -> str:
@@ -99,8 +101,23 @@ def load_stages(root: str | Path) -> dict[str, StageSpec]:
             params=_params(s.get("params")),
             runner=runner,
             gpus=int(meta.get("gpus", 0)),
+            model=meta.get("model"),
+            register=meta.get("register"),
         )
+        _check_model_meta(path, specs[name])
     return specs
+
+
+def _check_model_meta(path: Path, spec: StageSpec) -> None:
+    where = f"{path}: stages.{spec.name}.meta"
+    if spec.model is not None and spec.model not in spec.outs:
+        raise ConfigError(f"{where}.model {spec.model!r} must be one of the stage's outs {list(spec.outs)}")
+    if spec.register is not None:
+        r = spec.register
+        if spec.model is None:
+            raise ConfigError(f"{where}.register needs meta.model (the output to register)")
+        if not isinstance(r, dict) or set(r) != {"name", "alias"} or not all(isinstance(v, str) and v for v in r.values()):
+            raise ConfigError(f"{where}.register must be {{name: <registered model>, alias: <alias>}}, got {r!r}")
 
 
 def load_stage(root: str | Path, name: str) -> StageSpec:

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lmforge import atomic, tracking
+from lmforge import atomic, lineage, tracking
 from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
@@ -198,6 +198,15 @@ def _relaunch_under_torchrun(name: str, config_cls: type[StageConfig], root: Pat
         os.execv(sys.executable, cmd)
 
 
+def _audit_state(audit: AuditLog) -> dict[str, Any] | None:
+    """The chain as this stage finds it (verified): what a stage may cite, e.g. in a model card."""
+    chain = audit.chain_id()
+    if chain is None:
+        return None
+    report = audit.verify()
+    return {"chain_id": chain, "count": report.count, "head_hash": report.head_hash, "verified": report.ok}
+
+
 def _append(audit: AuditLog, records: list[dict[str, Any]], runs: tuple[str, ...]) -> None:
     """Append `records` to the audit chain in order and anchor its new head on the MLflow `runs`."""
     appended = None
@@ -208,6 +217,26 @@ def _append(audit: AuditLog, records: list[dict[str, Any]], runs: tuple[str, ...
                   "audit.count": str(appended["seq"] + 1)}
         for run_id in runs:
             tracking.set_tags(run_id, anchor)
+
+
+def _log_models(root: Path, exp_id: str, run_id: str, spec: dag.StageSpec, inputs: dict[str, str],
+                outputs: dict[str, str], code: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Step 6's models: the stage's model (meta.model) as an MLflow LoggedModel linked to the
+    models it came from, registered under meta.register's name and alias; the registration is
+    an audited decision. A stage without a model records which models it read."""
+    if spec.model is None:
+        lineage.log_model_inputs(exp_id, run_id, inputs)
+        return []
+    registered = spec.register is not None  # a release: its files go to MLflow too
+    model_id, parents = lineage.log_stage_model(exp_id, run_id, spec.name, spec.model, outputs[spec.model], inputs,
+                                                artifacts=root / spec.model if registered else None)
+    if spec.register is None:
+        return []
+    tags = {lineage.SHA: outputs[spec.model], "lmforge.commit": str(code["commit"]),
+            "lmforge.parents": ",".join(parents)}
+    version = lineage.register(model_id, spec.register["name"], spec.register["alias"], tags)
+    return [{"kind": "model.register", "name": spec.register["name"], "version": version,
+             "alias": spec.register["alias"], "mlflow_model_id": model_id, "sha256": outputs[spec.model]}]
 
 
 def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) -> dict[str, Any]:
@@ -250,7 +279,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             tracking.log_input_digests(input_digests)
             # 4-5. run, check, publish atomically
             steps = tracking.MetricBuffer(run_id)
-            ctx = RunContext(scratch=scratch, sink=steps.add)
+            ctx = RunContext(scratch=scratch, sink=steps.add, audit=_audit_state(audit))
 
             def decisions() -> list[dict[str, Any]]:
                 return [{**d, "stage": name, "mlflow_run_id": run_id} for d in ctx.decisions]
@@ -266,6 +295,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             # resumable state is only for a run that did not finish
             shutil.rmtree(root / SCRATCH_DIR / name, ignore_errors=True)
             output_digests = {o: sha256_path(root / o) for o in spec.all_outs}
+            ctx.decisions.extend(_log_models(root, exp_id, run_id, spec, input_digests, output_digests, code))
             # 6. metrics, timings, artifacts
             tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})
             for artifact in (f"{spec.out_dir}/metrics.json", *spec.plots):

@@ -8,6 +8,8 @@
   succeeded, just before the stage's own record.
 - `ctx.scratch`: a directory for resumable state (checkpoints) that lives outside the DVC
   outputs and survives a killed run; the caller empties it after a successful run.
+- `ctx.audit`: the audit chain as the stage found it ({chain_id, count, head_hash, verified}),
+  or None when there is no chain yet (what the export's model card cites).
 
 A library function asks for `ctx` by naming it as a parameter; without it, it gets nothing.
 `RunContext()` with no arguments is a working context for tests and notebooks.
@@ -24,7 +26,9 @@ MetricsSink = Callable[[Mapping[str, Any], int], None]
 
 
 class RunContext:
-    def __init__(self, scratch: Path | None = None, sink: MetricsSink | None = None):
+    def __init__(self, scratch: Path | None = None, sink: MetricsSink | None = None,
+                 audit: Mapping[str, Any] | None = None):
+        self.audit = dict(audit) if audit is not None else None
         self.scratch = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="lmforge-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
