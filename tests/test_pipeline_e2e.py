@@ -104,6 +104,73 @@ def test_outputs_and_metrics(repo: Path) -> None:
         "adapter_config.json", "adapter_model.safetensors"]
 
 
+
+def test_export_parity_card_and_lineage(repo: Path) -> None:
+    """The released model in every format agrees with ours; the card cites every stage and the
+    audit head the export found; the registered version walks back to pretraining in MLflow."""
+    import mlflow
+
+    from lmforge.digest import sha256_path
+    from lmforge.lineage import chain, stages
+
+    exp = json.loads((repo / "data/export/metrics.json").read_text())
+    for fmt in ("transformers", "onnxruntime"):
+        p = exp["parity"][fmt]
+        assert p["max_abs_logit_diff"] <= 1e-4 and p["greedy_same"] and p["tokens"] == 32, (fmt, p)
+    f32 = exp["parity"]["gguf_f32"]
+    assert f32["tensors_identical"] == f32["tensors"] and f32["greedy_same"], f32
+    forge = json.loads((repo / "data/forge/metrics.json").read_text())
+    assert exp["deltas"] == "adapters" and exp["adapters"] == forge["registry"]["ids"]
+    assert sorted(p.name for p in (repo / "data/export/hf/adapters").iterdir()) == forge["registry"]["ids"]
+    card = (repo / "data/export/README.md").read_text()
+    pre = json.loads((repo / "data/pretrain/metrics.json").read_text())
+    assert f"| pretrain | val bits per byte | {pre['val_bpb']:.4g} |" in card
+    assert f"| forge | locality | {forge['locality']:.4g} |" in card
+    for stage in ("mix", "tokenizer", "govern", "sft", "rl", "forgetting"):
+        assert f"| {stage} | " in card, stage
+    manifest = json.loads((repo / "data/sources/manifest.json").read_text())
+    assert all(s["sha256"] in card for s in manifest["sources"].values())
+    records = [json.loads(x) for x in (repo / "audit/log.jsonl").read_text().splitlines()]
+    at = next(i for i, r in enumerate(records) if r.get("stage") == "export" and r["kind"] == "stage")
+    register = records[at - 1]
+    assert register["kind"] == "model.register" and register["version"] == "1" and register["alias"] == "release"
+    assert f"head `{records[at - 2]['hash']}` after {at - 1} records" in card  # the chain as export found it
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    steps = chain(client, "lmforge", "release")
+    assert stages(steps) == ["pretrain", "govern", "sft", "rl", "forge", "export"]
+    for step in steps:
+        assert step["sha256"] == sha256_path(repo / step["path"]), step
+        assert client.get_run(step["run_id"]).data.tags["lmforge.stage"] == step["stage"]
+    assert steps[-1]["model_id"] == register["mlflow_model_id"]
+    forgetting = next(r for r in records if r.get("stage") == "forgetting" and r["kind"] == "stage")
+    read = client.get_run(forgetting["mlflow_run_id"]).inputs.model_inputs
+    assert {s["model_id"] for s in steps[:4]} == {m.model_id for m in read}  # it evaluated all four models
+
+
+def test_exported_adapters_load_with_peft_on_the_exported_model(repo: Path) -> None:
+    """transformers + PEFT on data/export/hf with a shipped adapter = lmforge with that delta on."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.forge.delta import applied, weights_sha256
+    from lmforge.forge.registry import Registry
+    from lmforge.weights import load_model
+
+    model, _ = load_model(repo / "data/rl/model")
+    [entry] = Registry(repo / "data/forge/registry", base_sha256=weights_sha256(model)).entries()
+    hf = AutoModelForCausalLM.from_pretrained(str(repo / "data/export/hf"))
+    peft_model = PeftModel.from_pretrained(hf, str(repo / "data/export/hf/adapters" / entry.id)).eval()
+    x = torch.tensor([[0, 5, 9, 17, 33, 2, 81]])
+    with torch.no_grad(), applied(model, [entry.delta]):
+        ours = model(x)
+    with torch.no_grad():
+        theirs = peft_model(x).logits
+        assert (theirs - ours).abs().max() <= 1e-4
+        assert (theirs - model(x)).abs().max() > 1e-3  # the adapter does change the model
+
+
 def _stage_with_user_file(repo: Path, tmp_path: Path, stage: str, rel: str, lines: list[object],
                           edit: Callable[[dict[str, Any]], None]) -> tuple[subprocess.CompletedProcess[str], bytes, bytes]:
     """Run `stage` in a copy of `repo` after writing a user file at `rel`, declaring its directory as

@@ -71,7 +71,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{int(v):,}" if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
@@ -88,6 +88,13 @@ def headline_rows(stage_metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[
                     value += f" ± {_fmt(flat['heldout_gain_se'])}"
                 rows.append((stage, label, value))
     return rows
+
+
+def _difference(p: Mapping[str, Any]) -> str:
+    if "max_abs_logit_diff" in p:
+        return f"logits {_fmt(p['max_abs_logit_diff'])}"
+    return (f"weights {_fmt(p.get('max_abs_weight_diff', ''))} "
+            f"({p.get('tensors_identical', 0)}/{p.get('tensors', 0)} tensors identical)")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -130,8 +137,8 @@ def render(card: Card) -> str:
         out += ["", "The registered knowledge deltas are merged into these weights (always on: facts are "
                 "answered without routing, at the cost of locality)."]
     out += ["", "## Parity with lmforge's own model", ""]
-    out += _table(["format", "max abs logit diff (fp32)", "same greedy tokens"], [
-        [fmt, _fmt(p.get("max_abs_logit_diff", "")), f"{p.get('greedy_same_prompts', 0)}/{p.get('prompts', 0)} prompts"]
+    out += _table(["runtime / file", "max abs difference from ours (fp32)", "same greedy tokens"], [
+        [fmt, _difference(p), f"{p.get('greedy_same_prompts', 0)}/{p.get('prompts', 0)} prompts"]
         for fmt, p in sorted(card.parity.items())])
     out += ["", "## Results by stage", ""]
     out += _table(["stage", "metric", "value"], headline_rows(card.stage_metrics))
@@ -146,10 +153,11 @@ def render(card: Card) -> str:
     out += ["", f"Licence texts: {', '.join(f'`LICENSES/{n}`' for n in card.licences)} (in `data/sources/`)."]
     out += ["", "## Audit", ""]
     if card.audit:
+        state = "verified intact" if card.audit.get("verified") else "NOT intact (lmforge audit verify says why)"
         out += [f"Audit chain `{card.audit['chain_id']}`: head `{card.audit['head_hash']}` after "
-                f"{card.audit['count']} records, verified intact when this export ran. Check it with "
-                f"`lmforge audit verify --expect-hash {card.audit['head_hash']}` (the chain only grows, so a later "
-                "head must contain this one: `lmforge audit show` lists the record)."]
+                f"{card.audit['count']} records, {state} when this export ran. The chain only grows: "
+                f"`lmforge audit verify` checks it as it is now, and this head is the hash of its record "
+                f"{card.audit['count'] - 1} (`lmforge audit show --json`)."]
     else:
         out += ["No audit chain was found when this export ran."]
     out += ["", "## Known limits", "", *[f"- {limit}" for limit in card.limits], ""]

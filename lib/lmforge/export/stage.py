@@ -25,7 +25,7 @@ The stage runner registers `hf/` in the MLflow model registry (dvc.yaml `meta.re
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +38,7 @@ from ..context import RunContext
 from ..digest import sha256_path
 from ..engine import encode_prompt
 from ..errors import LmforgeError, Refused
-from ..forge.delta import weights_sha256
+from ..forge.delta import Delta, weights_sha256
 from ..forge.registry import Registry
 from ..model import GPT
 from ..weights import load_model, tokenizer_path
@@ -64,16 +64,15 @@ class ExportConfig(StageConfig):
     parity: ParityConfig = ParityConfig()
 
 
-def merge(model: GPT, registry: Registry) -> list[str]:
-    """Add every registered delta into the weights (W += scale B A); the ids merged."""
-    entries = registry.entries()
+def merge(model: GPT, deltas: Sequence[Delta]) -> None:
+    """Add the deltas into the weights, W += scale B A: the model then computes what it computes
+    with every delta applied (forced on, no routing)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for e in entries:
-            for module in e.delta.names:
+        for d in deltas:
+            for module in d.names:
                 w = params[f"{module}.weight"]
-                w += e.delta.weight_delta(module).to(w.dtype)
-    return [e.id for e in entries]
+                w += d.weight_delta(module).to(w.dtype)
 
 
 def _limits(model: GPT, metrics: Mapping[str, Mapping[str, Any]], deltas: str) -> list[str]:
@@ -83,7 +82,8 @@ def _limits(model: GPT, metrics: Mapping[str, Mapping[str, Any]], deltas: str) -
            "Its data is public-domain and permissively licensed English (literature, scripture, speeches, Python "
            "documentation and code, generated arithmetic): other languages and topics are out of distribution.",
            "No safety or refusal training: outputs are unfiltered.",
-           f"Context of {model.config.max_seq_len} tokens; longer inputs are refused by every runtime here."]
+           f"Context of {model.config.max_seq_len} tokens: it never saw longer sequences (lmforge's own tools refuse "
+           "them; other runtimes may not)."]
     if "heldout_accuracy_rl" in rl:
         out.append(f"Arithmetic word problems: {rl['heldout_accuracy_rl']:.1%} held-out accuracy after RL "
                    f"(SFT: {rl.get('heldout_accuracy_sft', 0):.1%}).")
@@ -134,10 +134,13 @@ def run(cfg: ExportConfig, inputs: Mapping[str, str | Path], out_dir: str | Path
         raise Refused(f"the forgetting gate did not release the model ({gate}); nothing is exported")
     model_dir = Path(inputs["rl/model"])
     model, _ = load_model(model_dir)
-    registry = Registry(Path(inputs["forge/registry"]), base_sha256=weights_sha256(model))
+    base_sha256 = weights_sha256(model)  # the model the deltas were forged on, before any merge
+    registry = Registry(Path(inputs["forge/registry"]), base_sha256=base_sha256)
     adapters: list[str] = []
     if cfg.deltas == "merged":
-        adapters = merge(model, registry)
+        entries = registry.entries()
+        merge(model, [e.delta for e in entries])
+        adapters = [e.id for e in entries]
     hf_dir = out / "hf"
     hf.write_hf(model, tokenizer_path(model_dir), hf_dir)
     if cfg.deltas == "adapters":
@@ -148,7 +151,7 @@ def run(cfg: ExportConfig, inputs: Mapping[str, str | Path], out_dir: str | Path
     parity = {"transformers": hf.parity(model, hf_dir, prompts, cfg.parity.tokens)}
     for dtype, name in GGUF_FILES.items():
         gguf.write_gguf(model, tokenizer_path(model_dir), out / name, dtype=dtype, name=cfg.name,
-                        extra={"lmforge.base_sha256": weights_sha256(model)})
+                        extra={"lmforge.base_sha256": base_sha256})
         parity[f"gguf_{dtype}"] = _gguf_parity(gguf.compare(model, out / name, prompts=prompts))
     onnx.write_onnx(model, out / "model.onnx", opset=cfg.onnx_opset)
     parity["onnxruntime"] = onnx.parity(model, out / "model.onnx", prompts, cfg.parity.tokens)
