@@ -140,7 +140,7 @@ def test_load_any_names_the_file_and_the_problem(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InputError, match=r"config\.json:1: invalid JSON"):
         load_any(tmp_path)
-    with pytest.raises(InputError, match="not a model directory"):
+    with pytest.raises(InputError, match=r"config\.json: not found \(fix: point at a model directory"):
         load_any(tmp_path / "missing")
 
 

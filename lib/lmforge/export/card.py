@@ -10,14 +10,13 @@ sources' manifest, the parity checks): the card states, it never estimates.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
 from ..tracking import flatten
+from .jsonfile import read_object
 
 # Each stage's headline metrics as (label, key in its flattened metrics.json).
 HEADLINES: dict[str, list[tuple[str, str]]] = {
@@ -58,13 +57,8 @@ class Card:
     limits: Sequence[str] = field(default_factory=list)
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found", fix="run the stage that writes it (dvc repro)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(path, f"not valid JSON ({e})", fix="re-run the stage that wrote it") from None
+def read_json(path: Path) -> dict[str, Any]:
+    return read_object(path, missing="run the stage that writes it (dvc repro)", invalid="re-run the stage that wrote it")
 
 
 def _fmt(v: Any) -> str:

@@ -41,7 +41,6 @@ the target directory, then a rename). bench/gguf_llamacpp.py runs the files in l
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +56,7 @@ from ..errors import InputError, LmforgeError
 from ..model import GPT, ModelConfig
 from ..tokenizer import BOS, BOS_ID, CONFIG_FILE, SPLIT_PATTERN, TOKENIZER_FILE
 from ..weights import state_for_save
+from .jsonfile import read_object
 
 Dtype = Literal["f32", "f16", "q8_0"]
 ARCHS = ("llama", "qwen3")
@@ -132,15 +132,8 @@ def _qtype(array: np.ndarray, dtype: Dtype) -> gguf.GGMLQuantizationType:
 # --- the tokenizer -----------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found", fix="pass the tokenizer directory the model was trained with") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"invalid JSON: {e.msg}", line=e.lineno, fix="re-run the tokenizer stage") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "not a JSON object", fix="re-run the tokenizer stage")
-    return data
+    return read_object(path, missing="pass the tokenizer directory the model was trained with",
+                       invalid="re-run the tokenizer stage")
 
 
 def _tokenizer_fields(tokenizer_dir: Path, n_vocab: int) -> dict[str, Any]:

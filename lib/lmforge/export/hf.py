@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..model import GPT, ModelConfig
 from ..tokenizer import BOS_ID, CONFIG_FILE, TOKENIZER_FILE, load_encoder, special_id
 from ..weights import FORMAT, WEIGHTS_FILE, load_model, load_state, state_for_save, tokenizer_path
+from .jsonfile import read_object
 
 EOS = "<|assistant_end|>"
 EOS_IDS = [special_id("assistant_end"), BOS_ID]  # a reply ends; a new document would begin
@@ -115,13 +116,8 @@ def load_any(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tu
     """A GPT and its encoder from one of our model directories or a Hugging Face export of one."""
     root = Path(model_dir)
     path = root / "config.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found: not a model directory",
-                         fix="point at a model directory (data/rl/model) or an export (data/export/hf)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"invalid JSON: {e.msg}", line=e.lineno, fix="re-write the model directory") from None
+    meta = read_object(path, missing="point at a model directory (data/rl/model) or an export (data/export/hf)",
+                       invalid="re-write the model directory")
     if meta.get("format") == FORMAT:
         model, meta = load_model(root, device=device)
         return model, load_encoder(tokenizer_path(root)), meta
