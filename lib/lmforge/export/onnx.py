@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from ..model import GPT
 from .hf import greedy
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
 class _Logits(torch.nn.Module):
@@ -34,6 +37,22 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids)
 
 
+def _drop_node_stack_traces(nodes: Any) -> None:
+    for node in nodes:
+        keep = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+        for attr in node.attribute:
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _drop_stack_traces(g)
+
+
+def _drop_stack_traces(graph: Any) -> None:
+    """The exporter records each node's Python stack trace, absolute paths included: two clean
+    runs from two checkouts would write different bytes. The rest of the metadata stays."""
+    _drop_node_stack_traces(graph.node)
+
+
 def write_onnx(model: GPT, path: str | Path, *, opset: int = 18) -> dict[str, Any]:
     """Export the logits graph to `path` (weights inside the file); return a summary."""
     # the exporter warns about torchvision ops it cannot register: noise for a language model
@@ -42,9 +61,14 @@ def write_onnx(model: GPT, path: str | Path, *, opset: int = 18) -> dict[str, An
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("sequence", min=1, max=model.config.max_seq_len)
     example = torch.zeros((2, min(8, model.config.max_seq_len)), dtype=torch.long)
-    torch.onnx.export(_Logits(model).eval(), (example,), str(path), dynamo=True, opset_version=opset,
-                      input_names=["input_ids"], output_names=["logits"],
-                      dynamic_shapes={"input_ids": {0: batch, 1: seq}}, external_data=False, verbose=False)
+    program = torch.onnx.export(_Logits(model).eval(), (example,), None, dynamo=True, opset_version=opset,
+                                input_names=["input_ids"], output_names=["logits"],
+                                dynamic_shapes={"input_ids": {0: batch, 1: seq}}, verbose=False)
+    proto = program.model_proto
+    _drop_stack_traces(proto.graph)
+    for fn in proto.functions:
+        _drop_node_stack_traces(fn.node)
+    onnx.save_model(proto, str(path))
     return {"opset": opset, "inputs": ["input_ids"], "outputs": ["logits"], "bytes": Path(path).stat().st_size}
 
 
