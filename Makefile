@@ -26,7 +26,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run flow test lint bench clean-outputs sources
+.PHONY: help install run flow test lint bench clean-outputs sources stack-up stack-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ run: install .dvc/config  ## run the pipeline: dvc repro on the embedded default
 
 flow: install .dvc/config  ## the same DAG driven by the Prefect flow (local ephemeral server)
 	$(BIN)/python -m pipelines.flow
+
+stack-up: install .dvc/config  ## start a local Prefect server, cpu+gpu workers, MLflow server, DVC remote (127.0.0.1)
+	$(BIN)/python -m pipelines.stack up
+
+stack-down:  ## stop everything stack-up started, by PID
+	$(BIN)/python -m pipelines.stack down
 
 test: install  ## run the test suite (unit + end-to-end DAG on the ci profile)
 	$(BIN)/python -m pytest -q

@@ -59,3 +59,18 @@ def math_encoder(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     save(train(texts * 2, TokenizerConfig(vocab_size=500)), out)
     return load_encoder(out)
+
+
+@pytest.fixture(scope="session")
+def ci_dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of this repo on the ci profile after a whole `dvc repro`: the reference run the
+    end-to-end tests inspect and other drivers (the Prefect flow, deployments) are compared with."""
+    import yaml
+
+    from tests.pipeline_repo import copy_repo, run
+
+    r = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    proc = run(r, "dvc", "repro")
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
+        assert f"Running stage '{stage}'" in proc.stdout, stage
+    return r

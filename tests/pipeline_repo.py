@@ -23,17 +23,25 @@ def copy_repo(dest: Path, profile: str | None = "ci") -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    # a fixed author and date: two copies of one working tree are one commit (same hash, same
-    # time), as two clones of a commit are, so what records the commit is comparable across copies
-    env = env_for(dest) | {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00+00:00", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+00:00"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    commit(dest, "copy")
     if not (dest / ".dvc" / "config").exists():
         run(dest, "dvc", "init", "-q")
     if profile:
         run(dest, "lmforge", "profile", "apply", profile)
+        # committed, so that a worker checking out the commit runs with these params too
+        commit(dest, f"profile {profile}")
     return dest
+
+
+def commit(repo: Path, message: str) -> None:
+    """Commit everything with a fixed author and date: two copies of one working tree are one
+    commit (same hash, same time), as two clones of a commit are, so what records the commit
+    (the audit, a forge manifest's `created`) is comparable across copies."""
+    env = env_for(repo) | {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00+00:00",
+                           "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+00:00"}
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env)
 
 
 def env_for(repo: Path) -> dict[str, str]:
