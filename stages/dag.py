@@ -91,6 +91,10 @@ def load_stages(root: str | Path) -> dict[str, StageSpec]:
         runner = meta.get("runner", "cpu")
         if runner not in ("cpu", "gpu"):
             raise ConfigError(f"{path}: stages.{name}.meta.runner must be 'cpu' or 'gpu', got {runner!r}")
+        gpus = meta.get("gpus", 0)
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+            raise ConfigError(f"{path}: stages.{name}.meta.gpus must be a whole number >= 0 (the GPUs, i.e. "
+                              f"data-parallel processes, the stage trains on), got {gpus!r}")
         specs[name] = StageSpec(
             name=name,
             cmd=str(s.get("cmd", "")),
@@ -100,7 +104,7 @@ def load_stages(root: str | Path) -> dict[str, StageSpec]:
             plots=_paths(s.get("plots")),
             params=_params(s.get("params")),
             runner=runner,
-            gpus=int(meta.get("gpus", 0)),
+            gpus=gpus,
             model=meta.get("model"),
             register=meta.get("register"),
         )

@@ -4,4 +4,4 @@ from lmforge.govern import GovernConfig, run
 from stages.wrapper import main
 
 if __name__ == "__main__":
-    main("govern", GovernConfig, run)
+    main("govern", GovernConfig, run, data_parallel=True)

@@ -4,4 +4,4 @@ from lmforge.pretrain import PretrainConfig, run
 from stages.wrapper import main
 
 if __name__ == "__main__":
-    main("pretrain", PretrainConfig, run)
+    main("pretrain", PretrainConfig, run, data_parallel=True)

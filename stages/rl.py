@@ -4,4 +4,4 @@ from lmforge.rl.stage import RLConfig, run
 from stages.wrapper import main
 
 if __name__ == "__main__":
-    main("rl", RLConfig, run)
+    main("rl", RLConfig, run, data_parallel=True)

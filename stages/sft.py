@@ -4,4 +4,4 @@ from lmforge.sft import SFTConfig, run
 from stages.wrapper import main
 
 if __name__ == "__main__":
-    main("sft", SFTConfig, run)
+    main("sft", SFTConfig, run, data_parallel=True)

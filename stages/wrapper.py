@@ -17,10 +17,13 @@ It does DESIGN.md's seven steps in order, the same for every stage:
 Run a stage directly with `python -m stages.<name>` from the repo root (that is what
 dvc.yaml's `cmd` does).
 
-Data parallel: a stage whose config has `train.nproc_per_node` > 1 replaces itself with
-`torchrun --standalone --nproc_per_node=N -m stages.<name>`. Under torchrun (one node, or
-several nodes launched by the user), rank 0 does all seven steps; every other rank only runs
-the library alongside it (sharing the scratch dir) and writes, tracks and audits nothing.
+Data parallel: a training stage (`main(..., data_parallel=True)`) whose dvc.yaml entry has
+`meta.gpus: N` > 1 (or that runs with LMFORGE_GPUS=N, a worker's override) replaces itself with
+`torchrun --standalone --nproc_per_node=N -m stages.<name>`: one process per GPU (NCCL), or N gloo
+processes on a machine without CUDA. Under torchrun (one node, or several nodes launched by the
+user), rank 0 does all seven steps; every other rank only runs the library alongside it (sharing
+the scratch dir) and writes, tracks and audits nothing. `meta` is not part of DVC's stage hash
+and the outputs do not depend on N at equal global batch, so N is placement, not a parameter.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from lmforge.runtime import code_version, environment
 from stages import dag
 
 RUNNER_ENV = "LMFORGE_RUNNER"
+GPUS_ENV = "LMFORGE_GPUS"  # a worker's override of meta.gpus (its host's GPU count)
 STAGING = ".{}.staging-{}"  # data/.<stage>.staging-<pid>: a sibling of data/<stage>/
 SCRATCH_DIR = ".lmforge/scratch"  # per-stage resumable state (checkpoints), outside DVC outputs
 
@@ -173,23 +177,41 @@ def _follow(run: RunFn, cfg: StageConfig, inputs: dict[str, Path], scratch: Path
         return dict(run(cfg, inputs, Path(out), ctx=RunContext(scratch=scratch)))
 
 
-def _processes(name: str, config_cls: type[StageConfig], root: Path) -> int:
-    """How many data-parallel processes the stage's config asks for (train.nproc_per_node)."""
-    section = dag.params(root).get(name)
-    if section is None:
-        return 1  # execute() reports the missing section
-    cfg = build(config_cls, section, f"{dag.PARAMS_FILE}: {name}")
-    train = getattr(cfg, "train", None)
-    return int(getattr(train, "nproc_per_node", 1))
+def processes(name: str, spec: dag.StageSpec | None, data_parallel: bool) -> int:
+    """How many data-parallel processes stage `name` runs: LMFORGE_GPUS when set (a worker's
+    override for its host), else dvc.yaml's meta.gpus; 1 when neither asks for more."""
+    raw = os.environ.get(GPUS_ENV, "").strip()
+    if raw:
+        where = f"{GPUS_ENV}={raw}"
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{where}: give a whole number of processes >= 1, or unset it to use "
+                              f"dvc.yaml's stages.{name}.meta.gpus")
+        n = int(raw)
+    else:
+        n = max(spec.gpus, 1) if spec is not None else 1
+        where = f"{dag.DVC_FILE}: stages.{name}.meta.gpus: {n}"
+    if n > 1 and not data_parallel:
+        if raw:
+            return 1  # a worker-wide setting: it concerns the stages that train, not this one
+        raise ConfigError(f"{where}: stage '{name}' does not train data-parallel; set it to 1 or remove it")
+    if n > 1:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() < n:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+            raise ConfigError(f"{where} asks for {n} GPUs but this machine sees {torch.cuda.device_count()} "
+                              f"(CUDA_VISIBLE_DEVICES={visible}); lower it, or set {GPUS_ENV} to the GPUs this "
+                              "worker has")
+    return n
 
 
-def _relaunch_under_torchrun(name: str, config_cls: type[StageConfig], root: Path) -> None:
-    """`python -m stages.<name>` with train.nproc_per_node > 1 replaces itself with
+def _relaunch_under_torchrun(name: str, root: Path, data_parallel: bool) -> None:
+    """`python -m stages.<name>` that should run N > 1 processes replaces itself with
     `torchrun --standalone --nproc_per_node=N -m stages.<name>` (one node). Multi-node runs
     call torchrun themselves with their rendezvous settings; the stage then runs as launched."""
     if "LOCAL_RANK" in os.environ:
         return
-    n = _processes(name, config_cls, root)
+    n = processes(name, dag.load_stages(root).get(name), data_parallel)
     if n > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", f"stages.{name}"]
@@ -272,7 +294,8 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     )
     _clean_stale(root, name)
     audit = AuditLog(root / pipe.audit_log)
-    tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"])}
+    tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"]),
+            "lmforge.processes": os.environ.get("WORLD_SIZE", "1")}
     try:
         with tracking.child_run(exp_id, parent, name, tags) as run_id:
             tracking.log_params(run_id, cfg.model_dump(mode="json"))
@@ -323,10 +346,11 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     return metrics
 
 
-def main(name: str, config_cls: type[StageConfig], run: RunFn) -> None:
-    """Entry point of `python -m stages.<name>`: exit 0, 2 (a user-fixable error) or 1 (a bug)."""
+def main(name: str, config_cls: type[StageConfig], run: RunFn, *, data_parallel: bool = False) -> None:
+    """Entry point of `python -m stages.<name>`: exit 0, 2 (a user-fixable error) or 1 (a bug).
+    `data_parallel`: the stage trains with lmforge.train under torchrun when meta.gpus > 1."""
     try:
-        _relaunch_under_torchrun(name, config_cls, Path.cwd())
+        _relaunch_under_torchrun(name, Path.cwd(), data_parallel)
         execute(name, config_cls, run, Path.cwd())
     except LmforgeError as e:
         print(f"lmforge {name}: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from lmforge.config import StageConfig, build, load_section, read_yaml
 from lmforge.data.mix import MixConfig
 from lmforge.errors import ConfigError
 from lmforge.profiles import apply
+from lmforge.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,32 @@ def test_profile_apply_merges_keeps_comments_and_rejects_typos(tmp_path: Path) -
     assert params.read_text() == before
 
 
+def test_profile_meta_sets_dvc_yaml_placement_and_refuses_anything_else(tmp_path: Path) -> None:
+    from stages import dag
+
+    params = tmp_path / "params.yaml"
+    params.write_text("mix:\n  total: 5\n")
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text("stages:\n  mix:\n    cmd: python -m stages.mix  # the stage\n    meta:\n      runner: gpu\n"
+                        "  tok:\n    cmd: x\n")
+    prof = tmp_path / "p.yaml"
+    prof.write_text("mix:\n  total: 7\nmeta:\n  mix: {gpus: 4}\n  tok: {gpus: 2}\n")
+    apply(params, prof)
+    stages = dag.load_stages(tmp_path)
+    assert (stages["mix"].gpus, stages["mix"].runner, stages["tok"].gpus) == (4, "gpu", 2)
+    assert "# the stage" in dvc_file.read_text() and "total: 7" in params.read_text()
+    before = (params.read_text(), dvc_file.read_text())
+    for bad, named in [("meta:\n  mxi: {gpus: 2}\n", "meta.mxi"), ("meta:\n  mix: {runner: cpu}\n", "meta.mix.runner"),
+                       ("meta:\n  mix: {gpus: 0}\n", "meta.mix.gpus"), ("mix:\n  total: 1\nmeta:\n  mix: {gpus: two}\n", "two")]:
+        prof.write_text(bad)
+        with pytest.raises(ConfigError, match=named):
+            apply(params, prof)
+        assert (params.read_text(), dvc_file.read_text()) == before  # neither file was touched
+    dvc_file.write_text("stages:\n  mix:\n    cmd: x\n    meta: {gpus: -1}\n")
+    with pytest.raises(ConfigError, match=r"stages.mix.meta.gpus must be a whole number"):
+        dag.load_stages(tmp_path)
+
+
 def test_yaml_is_read_as_dvc_reads_it(tmp_path: Path) -> None:
     """YAML 1.2 (ruamel, as DVC): 3e-4 is a number, `on` is a string, errors name the line."""
     from lmforge.config import read_yaml
@@ -79,6 +106,14 @@ def test_yaml_is_read_as_dvc_reads_it(tmp_path: Path) -> None:
         read_yaml(p)
 
 
+def _train_configs(cfg: object) -> list[TrainConfig]:
+    if isinstance(cfg, TrainConfig):
+        return [cfg]
+    if isinstance(cfg, StageConfig) or hasattr(cfg, "model_fields"):
+        return [t for k in type(cfg).model_fields for t in _train_configs(getattr(cfg, k))]
+    return []
+
+
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
 def test_every_profile_gives_valid_stage_configs(profile: str, tmp_path: Path) -> None:
     """Each shipped profile applies cleanly and every stage section it yields validates; the
@@ -89,16 +124,22 @@ def test_every_profile_gives_valid_stage_configs(profile: str, tmp_path: Path) -
 
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text((ROOT / dag.DVC_FILE).read_text())
     apply(params, ROOT / "profiles" / f"{profile}.yaml")
     data = read_yaml(params)
+    stages = dag.load_stages(tmp_path)
+    gpus = stages["pretrain"].gpus or 1
     for name in yaml.safe_load((ROOT / dag.DVC_FILE).read_text())["stages"]:
         module = importlib.import_module(f"stages.{name}")  # the stage module imports its config class
         config_cls = next(v for v in vars(module).values()
                           if isinstance(v, type) and issubclass(v, StageConfig) and v is not StageConfig)
         cfg = build(config_cls, data[name], f"{profile}: {name}")
+        for train in _train_configs(cfg):  # every training run splits over the stage's processes
+            assert train.accum_steps(stages[name].gpus or 1) >= 1, (name, train)
         if name == "pretrain":
             model = cfg.model.build(data["tokenizer"]["vocab_size"], cfg.train.seq_len)
             steps = cfg.train.total_steps(model.n_params())
-            assert steps >= 1 and cfg.train.accum_steps(cfg.train.nproc_per_node) >= 1
-            if profile == "gpu8":  # the d20 class
-                assert 500e6 < model.n_params() < 600e6 and cfg.train.nproc_per_node == 8
+            assert steps >= 1 and cfg.train.accum_steps(gpus) >= 1
+            if profile == "gpu8":  # the d20 class, one process per GPU
+                assert 500e6 < model.n_params() < 600e6 and gpus == 8

@@ -121,3 +121,35 @@ def test_missing_upstream_input_names_the_stage_to_run(repo: Path, tmp_path: Pat
     proc = run(fresh, "python", "-m", "stages.tokenizer", check=False)
     assert proc.returncode == 2
     assert "data/mix/train" in proc.stderr and "dvc repro mix" in proc.stderr
+
+
+def test_data_parallel_processes_come_from_meta_gpus_or_the_workers_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """meta.gpus picks the process count; LMFORGE_GPUS overrides it on a worker; a stage that
+    does not train data-parallel refuses meta.gpus > 1; a CUDA host with too few GPUs says so."""
+    import torch
+
+    from lmforge.errors import ConfigError
+    from stages import dag
+    from stages.wrapper import GPUS_ENV, processes
+
+    def spec(gpus: int) -> dag.StageSpec:
+        return dag.StageSpec("pretrain", "", (), (), (), (), (), "gpu", gpus)
+
+    monkeypatch.delenv(GPUS_ENV, raising=False)
+    assert [processes("pretrain", spec(g), True) for g in (0, 1, 2, 8)] == [1, 1, 2, 8]
+    assert processes("pretrain", None, True) == 1
+    with pytest.raises(ConfigError, match=r"stages.mix.meta.gpus: 2: stage 'mix' does not train data-parallel"):
+        processes("mix", spec(2), False)
+    monkeypatch.setenv(GPUS_ENV, "4")
+    assert processes("pretrain", spec(8), True) == 4 and processes("mix", spec(1), False) == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(GPUS_ENV, bad)
+        with pytest.raises(ConfigError, match=f"{GPUS_ENV}={bad}: give a whole number"):
+            processes("pretrain", spec(1), True)
+    monkeypatch.delenv(GPUS_ENV)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert processes("pretrain", spec(2), True) == 2
+    with pytest.raises(ConfigError, match=r"asks for 8 GPUs but this machine sees 2 \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        processes("pretrain", spec(8), True)

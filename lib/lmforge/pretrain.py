@@ -114,7 +114,6 @@ def run(cfg: PretrainConfig, inputs: Mapping[str, str | Path], out_dir: str | Pa
             "n_params": mcfg.n_params(),
             "model": {k: getattr(mcfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_mlp", "vocab_size")},
             "val_tokens": int(val_rows[:, 1:].size),
-            "processes": dist.world,
         }
     finally:
         tdist.teardown()

@@ -81,8 +81,6 @@ class BenchmarkConfig(Config):
             raise ValueError("seeds must list at least one seed")
         if self.train.steps is None:
             raise ValueError("train.steps must be set: the steps per domain (tokens budgets are not used here)")
-        if self.train.nproc_per_node != 1:
-            raise ValueError("train.nproc_per_node must be 1: the benchmark is many small runs in one process")
         return self
 
     def budget(self) -> tuple[TrainConfig, list[int], int]:

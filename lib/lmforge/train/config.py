@@ -74,7 +74,6 @@ class TrainConfig(Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False          # torch.compile the model (CUDA only)
-    nproc_per_node: int = 1        # >1: the stage relaunches itself under torchrun (DDP)
     progress: bool = True          # tqdm bar with tokens/s (and MFU on GPU)
 
     @model_validator(mode="after")
@@ -82,7 +81,7 @@ class TrainConfig(Config):
         budgets = [k for k in ("steps", "tokens", "tokens_per_param") if getattr(self, k) is not None]
         if len(budgets) != 1:
             raise ValueError(f"set exactly one of steps, tokens, tokens_per_param (got {budgets or 'none'})")
-        for key in ("seq_len", "micro_batch", "global_batch", "eval_every", "ckpt_every", "log_every", "nproc_per_node"):
+        for key in ("seq_len", "micro_batch", "global_batch", "eval_every", "ckpt_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if self.global_batch % self.micro_batch:
