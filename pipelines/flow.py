@@ -54,6 +54,8 @@ LOCAL_RUNNER = "prefect:local"
 # on it (`pipeline(gpu_timeout_s=...)`): long enough for a pretraining stage, short enough
 # that a pipeline with no gpu worker online fails the same day instead of waiting for ever.
 DEFAULT_GPU_TIMEOUT_S = 6 * 3600.0
+# How many times a gpu stage whose flow run crashed (worker lost) is sent again.
+DEFAULT_GPU_CRASH_RETRIES = 2
 
 
 class PipelineFailedError(LmforgeError):
@@ -237,8 +239,10 @@ def _repro_on_deployment(
     rev: str,
     route: Route,
     timeout_s: float | None,
+    crash_retries: int = 0,
 ) -> dict[str, Any]:
-    """Run the stage on a gpu worker, then take its outputs back through DVC's run-cache."""
+    """Run the stage on a gpu worker, then take its outputs back through DVC's run-cache. A run
+    that ends Crashed (its worker died) is resubmitted up to `crash_retries` times."""
     log = get_run_logger()
     env = stage_env(LOCAL_RUNNER, parent_run_id)
     if not force and dvc_json(["status", "--json", spec.name], root, env) == {}:
@@ -266,21 +270,32 @@ def _repro_on_deployment(
         )
     lock = root / "dvc.lock"
     assert route.deployment is not None
-    child = run_deployment(
-        route.deployment,
-        parameters={
-            "stage": spec.name,
-            "rev": rev,
-            "parent_run_id": parent_run_id,
-            "force": force,
-            # The commit's dvc.lock predates what this run produced upstream; the worker needs
-            # the current one to pull the right inputs.
-            "lock": lock.read_text(encoding="utf-8") if lock.exists() else None,
-        },
-        # Queueing included: with no gpu worker online the run stays Scheduled for ever.
-        timeout=timeout_s,
-    )
-    state = child.state
+    for attempt in range(1, crash_retries + 2):
+        child = run_deployment(
+            route.deployment,
+            parameters={
+                "stage": spec.name,
+                "rev": rev,
+                "parent_run_id": parent_run_id,
+                "force": force,
+                # The commit's dvc.lock predates what this run produced upstream; the worker needs
+                # the current one to pull the right inputs.
+                "lock": lock.read_text(encoding="utf-8") if lock.exists() else None,
+            },
+            # Queueing included: with no gpu worker online the run stays Scheduled for ever.
+            timeout=timeout_s,
+        )
+        state = child.state
+        if state is None or not state.is_crashed() or attempt > crash_retries:
+            break
+        # Crashed: its process died with its worker or host (marked so by the heartbeat
+        # automation), not a stage error. Send it again; on the same worker clone the stage
+        # resumes from its last checkpoint.
+        log.warning(
+            "gpu stage '%s': flow run '%s' (%s) crashed (%s); resubmitting it (retry %d of %d, "
+            "gpu_crash_retries); it resumes from the stage's last checkpoint on the worker's clone",
+            spec.name, child.name, child.id, state.message or "no message", attempt, crash_retries,
+        )
     if state is None or not state.is_final():  # run_deployment returns it when timeout_s runs out
         message = _unfinished_message(
             spec.name, route.deployment, child.name, str(child.id), state, timeout_s
@@ -290,7 +305,8 @@ def _repro_on_deployment(
         raise StageFailedError(
             f"gpu stage '{spec.name}' failed on deployment '{route.deployment}': flow run "
             f"'{child.name}' ({child.id}) ended {state.name}"
-            f"{': ' + state.message if state.message else ''}; its logs are in the Prefect UI"
+            f"{': ' + state.message if state.message else ''}"
+            f"{f' (after {attempt - 1} resubmission(s))' if attempt > 1 else ''}; its logs are in the Prefect UI"
         )
     result = require_ok(
         run_logged(dvc_argv("repro", "--pull", "--single-item", spec.name), root, env, log),
@@ -312,6 +328,7 @@ def _repro_on_deployment(
         "outcome": verdict,
         "seconds": round(result.seconds, 3),
         "flow_run_id": str(child.id),
+        "attempts": attempt,
     }
 
 
@@ -325,6 +342,7 @@ def stage_task(
     parent_run_id: str | None,
     rev: str | None,
     gpu_timeout_s: float | None = DEFAULT_GPU_TIMEOUT_S,
+    gpu_crash_retries: int = DEFAULT_GPU_CRASH_RETRIES,
 ) -> dict[str, Any]:
     """One dvc.yaml stage. The task run carries the stage's name (`task_run_name`).
 
@@ -333,7 +351,8 @@ def stage_task(
     root_path = Path(root)
     if route.where == "deployment":
         assert rev is not None  # choose_route only sends committed workspaces
-        return _repro_on_deployment(spec, root_path, force, parent_run_id, rev, route, gpu_timeout_s)
+        return _repro_on_deployment(spec, root_path, force, parent_run_id, rev, route, gpu_timeout_s,
+                                    gpu_crash_retries)
     if spec.runner == "gpu":
         log.warning("gpu stage '%s' runs locally: %s", stage, route.reason)
     return _repro_locally(stage, root_path, force, parent_run_id, route.reason)
@@ -366,6 +385,7 @@ def pipeline(
     root: str = ".",
     retries: int = 0,
     gpu_timeout_s: float | None = DEFAULT_GPU_TIMEOUT_S,
+    gpu_crash_retries: int = DEFAULT_GPU_CRASH_RETRIES,
 ) -> dict[str, dict[str, Any]]:
     """Run dvc.yaml's stages (or `stages` and their upstream), upstream first.
 
@@ -375,7 +395,9 @@ def pipeline(
     forces the upstream too).
     `retries` retries a failed stage task that many times. `gpu_timeout_s` is how long a stage
     sent to the gpu deployment may take, waiting for a worker included, before it fails
-    (None: wait for ever). Returns, per stage, where it ran and what DVC did
+    (None: wait for ever), per submission. `gpu_crash_retries`: how many times a gpu stage whose
+    flow run ended Crashed (its worker or host died; see pipelines/automations.yaml) is sent
+    again; a run that Failed (the stage's own error) is not. Returns, per stage, where it ran and what DVC did
     ('ran' / 'restored' / 'up-to-date').
     """
     import mlflow
@@ -386,6 +408,8 @@ def pipeline(
         raise ConfigError(
             f"gpu_timeout_s={gpu_timeout_s}: give a number of seconds > 0, or None to wait for ever"
         )
+    if gpu_crash_retries < 0:
+        raise ConfigError(f"gpu_crash_retries={gpu_crash_retries}: give a whole number >= 0")
     log = get_run_logger()
     root_path = Path(root).resolve()
     order = plan(root_path, stages)
@@ -418,6 +442,7 @@ def pipeline(
                 parent,
                 rev,
                 gpu_timeout_s,
+                gpu_crash_retries,
                 wait_for=[states[u] for u in spec.upstream],
                 return_state=True,
             )
@@ -465,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds a stage sent to the gpu pool may take, queueing included, or 'none' to wait "
         f"for ever (default {DEFAULT_GPU_TIMEOUT_S:g})",
     )
+    parser.add_argument("--gpu-crash-retries", type=int, default=DEFAULT_GPU_CRASH_RETRIES,
+                        help="resubmissions of a gpu stage whose flow run crashed (its worker died) "
+                        f"(default {DEFAULT_GPU_CRASH_RETRIES})")
     args = parser.parse_args(argv)
     try:
         summary = pipeline(
@@ -473,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             root=args.root,
             retries=args.retries,
             gpu_timeout_s=args.gpu_timeout_s,
+            gpu_crash_retries=args.gpu_crash_retries,
         )
     except LmforgeError as e:
         print(f"lmforge-pipeline failed: {e}", file=sys.stderr)

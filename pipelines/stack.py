@@ -4,6 +4,8 @@
     source .stack/env    # PREFECT_API_URL, MLFLOW_TRACKING_URI, PREFECT_HOME for this shell
     .venv/bin/prefect deployment run lmforge-pipeline/default --watch
     make stack-down      # stops every process it started, by PID, and waits until they are gone
+    .venv/bin/python -m pipelines.stack kill-worker gpu    # a GPU host dies mid-stage...
+    .venv/bin/python -m pipelines.stack start-worker gpu   # ...and comes back: the stage resumes
 
 What `up` starts, in `.stack/` (ignored by git):
 - a Prefect server (`prefect server start`, its database in `.stack/prefect/`);
@@ -14,11 +16,14 @@ What `up` starts, in `.stack/` (ignored by git):
   and the gpu clone's `.dvc/config.local` (never in the committed config);
 - one process worker per pool: the `cpu` worker runs flow runs in this workspace, the `gpu` worker
   in `.stack/gpu-clone`, a git clone of it with the same DVC remote: the simulated GPU host, which
-  imports its own checkout's code (PYTHONPATH), never this workspace's.
+  imports its own checkout's code (PYTHONPATH), never this workspace's;
+- the automation of pipelines/automations.yaml, which marks a gpu stage's flow run Crashed when
+  its heartbeats stop (its worker died): the pipeline flow then resubmits the stage.
 
 Every process is started in a session of its own and recorded in `.stack/pids.json` as soon as it
 runs, so `down` finds it even after an `up` that failed half way; `down` stops the workers first
-(with any flow run they started: the whole session), then the servers, SIGTERM then SIGKILL.
+(with any flow run they started, found by parentage: Prefect starts each in a session of its
+own), then the servers, SIGTERM then SIGKILL.
 Offline settings for every tool are set here (analytics and telemetry off, Prefect's start-up
 timeout raised) and written to `.stack/env`.
 """
@@ -52,6 +57,9 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 DEPLOYMENTS = ("lmforge-pipeline/default", "lmforge-stage/gpu")
+POOLS = ("cpu", "gpu")
+# Marks a gpu stage's flow run Crashed when its heartbeats stop (prefect.yaml sets their rate).
+AUTOMATIONS = "pipelines/automations.yaml"
 
 
 class StackError(LmforgeError):
@@ -106,9 +114,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def session_members(sid: int) -> list[int]:
-    """Every live process of session `sid` (Linux /proc): a service and whatever it started."""
-    out = []
+def _procs() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every live process (Linux /proc)."""
+    out = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -116,9 +124,32 @@ def session_members(sid: int) -> list[int]:
             fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(p.name))
+        if fields[0] != "Z":
+            out[int(p.name)] = (int(fields[1]), int(fields[3]))
     return out
+
+
+def session_members(sid: int) -> list[int]:
+    """Every live process of session `sid`: a service and whatever it started in its session."""
+    return [pid for pid, (_, s) in _procs().items() if s == sid]
+
+
+def family(sid: int, known: set[int] | None = None) -> tuple[set[int], list[int]]:
+    """The sessions of process `sid` and of all its descendants, and their live members.
+
+    A Prefect process worker starts each flow run in a session of its own (so that a signal to
+    the worker's group does not reach it), so a worker's flow runs, and the `dvc repro` and
+    stage processes under them, are outside its session: found here by parentage. `known`
+    sessions stay in the family after their parent is gone (a killed worker's orphans)."""
+    procs = _procs()
+    sessions = set(known or ()) | {sid}
+    grew = True
+    while grew:
+        members = {pid for pid, (_, s) in procs.items() if s in sessions}
+        kids = {s for pid, (ppid, s) in procs.items() if ppid in members}
+        grew = not kids <= sessions
+        sessions |= kids
+    return sessions, sorted(pid for pid, (_, s) in procs.items() if s in sessions)
 
 
 def _start(stack: Stack, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -209,16 +240,39 @@ def up(stack: Stack) -> None:
             _run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], stack.root, env,
                  f"creating work pool '{pool}'")
         _run([prefect, "--no-prompt", "deploy", "--all"], stack.root, env, "creating the deployments of prefect.yaml")
-        for pool, workdir in (("cpu", stack.root), ("gpu", stack.gpu_clone)):
-            # the gpu clone runs its own code: its lib/ and stages/ come before the installed package
-            worker_env = env | {"LMFORGE_WORKDIR": str(workdir),
-                                "PYTHONPATH": os.pathsep.join([str(workdir / "lib"), str(workdir)])}
-            _start(stack, f"worker-{pool}", [prefect, "worker", "start", "--pool", pool, "--limit", "1"], worker_env,
-                   workdir)
+        _run([prefect, "automation", "create", "--from-file", str(stack.root / AUTOMATIONS)], stack.root, env,
+             f"creating the automations of {AUTOMATIONS}")
+        for pool in POOLS:
+            start_worker(stack, pool)
         _write_env(stack)
     except BaseException:
         down(stack)
         raise
+
+
+def start_worker(stack: Stack, pool: str) -> subprocess.Popen[bytes]:
+    """Start the process worker of work pool `pool` (`cpu`: runs in this workspace; `gpu`: in
+    the gpu clone, importing its own checkout's code, never this workspace's)."""
+    workdir = stack.root if pool == "cpu" else stack.gpu_clone
+    env = stack.env(LMFORGE_WORKDIR=str(workdir),
+                    PYTHONPATH=os.pathsep.join([str(workdir / "lib"), str(workdir)]))
+    prefect = str(Path(sys.executable).parent / "prefect")
+    return _start(stack, f"worker-{pool}", [prefect, "worker", "start", "--pool", pool, "--limit", "1"], env, workdir)
+
+
+def kill_worker(stack: Stack, pool: str) -> list[int]:
+    """SIGKILL pool `pool`'s worker with every process under it (its flow run, `dvc repro`, the
+    stage): what a GPU host's power cut does. Returns the pids killed. Its flow run is left
+    Running on the server until the heartbeat automation marks it Crashed."""
+    name = f"worker-{pool}"
+    entries = _read_pids(stack)
+    entry = next((p for p in reversed(entries) if p["name"] == name), None)
+    if entry is None:
+        raise StackError(f"no {name} in {stack.dir / PIDS}; is the stack up?")
+    killed = family(int(entry["pid"]))[1]  # type: ignore[arg-type]
+    _stop_family(int(entry["pid"]), name, (signal.SIGKILL,), 5.0)  # type: ignore[arg-type]
+    (stack.dir / PIDS).write_text(json.dumps([p for p in entries if p is not entry], indent=2) + "\n")
+    return killed
 
 
 def _write_env(stack: Stack) -> None:
@@ -228,6 +282,28 @@ def _write_env(stack: Stack) -> None:
     (stack.dir / "env").write_text("\n".join(lines) + "\n")
 
 
+def _stop_family(sid: int, name: str, signals: tuple[signal.Signals, ...], timeout: float) -> None:
+    """Send each signal in turn to every process of `sid`'s family (see `family`), each process
+    once, newcomers included, until none is left; raise if one outlives the last signal."""
+    sessions, members = family(sid)
+    for sig in signals:
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
+        sent: set[int] = set()
+        while members and time.monotonic() < deadline:
+            for pid in set(members) - sent:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                sent.add(pid)
+            time.sleep(0.2)
+            sessions, members = family(sid, sessions)
+        if not members:
+            break
+    if members:
+        raise StackError(f"{name} (session {sid}) still has processes {members} after {signals[-1].name}")
+    with contextlib.suppress(ChildProcessError):  # reap it when this process started it (tests)
+        os.waitpid(sid, os.WNOHANG)
+
+
 def down(stack: Stack, timeout: float = 30.0) -> list[str]:
     """Stop every process `up` started (workers first, each with its whole session); return their
     names. Raises if one outlives SIGKILL."""
@@ -235,20 +311,7 @@ def down(stack: Stack, timeout: float = 30.0) -> list[str]:
     stopped = []
     for p in reversed(procs):  # workers, then MLflow, then Prefect
         sid, name = int(p["pid"]), str(p["name"])  # type: ignore[arg-type]
-        members = session_members(sid)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
-            while (members := session_members(sid)) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not members:
-                break
-        if members:
-            raise StackError(f"{name} (session {sid}) still has processes {members} after SIGKILL")
-        with contextlib.suppress(ChildProcessError):  # reap it when this process started it (tests)
-            os.waitpid(sid, os.WNOHANG)
+        _stop_family(sid, name, (signal.SIGTERM, signal.SIGKILL), timeout)
         stopped.append(name)
     (stack.dir / PIDS).unlink(missing_ok=True)
     (stack.dir / "env").unlink(missing_ok=True)
@@ -257,7 +320,9 @@ def down(stack: Stack, timeout: float = 30.0) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.stack", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("action", choices=["up", "down", "kill-worker", "start-worker"],
+                   help="kill-worker / start-worker POOL: SIGKILL a worker with its runs (a host lost), start it again")
+    p.add_argument("pool", nargs="?", choices=POOLS, help="the worker's pool, for kill-worker and start-worker")
     p.add_argument("--root", default=".", help="the workspace (default: the current directory)")
     p.add_argument("--prefect-port", type=int, default=int(os.environ.get("LMFORGE_STACK_PREFECT_PORT", 4200)))
     p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("LMFORGE_STACK_MLFLOW_PORT", 5000)))
@@ -269,8 +334,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stack up: Prefect {stack.api_url}, MLflow {stack.tracking_uri}, DVC remote {stack.dir / 'dvc-remote'}, "
                   f"workers on pools cpu ({stack.root}) and gpu ({stack.gpu_clone}).\n"
                   f"  source {stack.dir / 'env'}\n  prefect deployment run lmforge-pipeline/default --watch")
-        else:
+        elif args.action == "down":
             print(f"stack down: stopped {', '.join(down(stack)) or 'nothing (no stack was up)'}")
+        elif args.pool is None:
+            p.error(f"{args.action} needs a pool: {' or '.join(POOLS)}")
+        elif args.action == "kill-worker":
+            print(f"killed worker-{args.pool} and its runs: pids {kill_worker(stack, args.pool)}")
+        else:
+            print(f"started worker-{args.pool} (pid {start_worker(stack, args.pool).pid})")
     except LmforgeError as e:
         print(f"lmforge stack: error: {e}", file=sys.stderr)
         return e.exit_code

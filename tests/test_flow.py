@@ -551,8 +551,44 @@ def test_failed_deployment_run_fails_the_stage(
     message = str(state.result(raise_on_failure=False))
     assert f"gpu stage 'train' failed on deployment '{GPU_DEPLOYMENT}'" in message
     assert "'oom-run'" in message and "CUDA out of memory" in message
+    assert "resubmission" not in message  # a stage's own failure is not sent again
     assert "not run because an upstream stage failed: report" in message
     assert calls(repo) == ["prep prefect:local"]
+
+
+def test_crashed_gpu_run_is_resubmitted_but_a_failed_one_is_not(
+    tmp_path: Path, prefect_server: None, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ended Crashed (its worker died) is sent again, up to gpu_crash_retries times;
+    the first resubmission here succeeds. With every run crashing, the stage fails saying so."""
+    from prefect.states import Crashed
+
+    repo = make_repo(tmp_path / "orchestrator", remote=tmp_path / "dvc-remote")
+    worker = tmp_path / "worker-clone"
+    _sh(["git", "clone", "-q", str(repo), str(worker)], tmp_path)
+    sent: list[str] = []
+
+    def crash_once(name: str, parameters: dict[str, object], **_: object) -> SimpleNamespace:
+        sent.append(str(parameters["stage"]))
+        if len(sent) == 1:
+            return SimpleNamespace(state=Crashed(message="no heartbeat for 90 s"), name="lost-run", id="id-1")
+        return SimpleNamespace(state=run_stage(**parameters, workdir=str(worker), return_state=True),
+                               name="second-run", id="id-2")
+
+    monkeypatch.setattr(flow_mod, "run_deployment", crash_once)
+    monkeypatch.setattr(flow_mod, "gpu_deployment_exists", lambda name=GPU_DEPLOYMENT: True)
+    monkeypatch.setattr(flow_mod, "configured_tracking_uri", lambda: SHARED_TRACKING_URI)
+    summary = pipeline(root=str(repo))
+    assert sent == ["train", "train"] and summary["train"]["attempts"] == 2
+    assert summary["train"]["outcome"] == "restored" and summary["train"]["flow_run_id"] == "id-2"
+
+    always: list[str] = []
+    monkeypatch.setattr(flow_mod, "run_deployment", lambda name, parameters, **_: always.append("x") or SimpleNamespace(
+        state=Crashed(message="no heartbeat for 90 s"), name="lost-run", id="id-3"))
+    state = pipeline(root=str(repo), force=True, stages=["train"], gpu_crash_retries=1, return_state=True)
+    assert state.is_failed() and len(always) == 2
+    message = str(state.result(raise_on_failure=False))
+    assert "ended Crashed: no heartbeat for 90 s (after 1 resubmission(s))" in message
 
 
 def test_gpu_stage_not_picked_up_in_time_fails_and_is_cancelled(

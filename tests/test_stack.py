@@ -1,16 +1,20 @@
 """The local stack (`make stack-up` / `make stack-down`): real servers and workers on 127.0.0.1,
-and the whole DAG sent through `prefect deployment run`, gpu stages to the gpu worker's clone."""
+and the whole DAG sent through `prefect deployment run`, gpu stages to the gpu worker's clone.
+Half way through pretraining the gpu worker is killed with everything under it (a GPU host
+lost) and started again: the heartbeat automation marks the lost run Crashed, the pipeline
+sends the stage again, and the new run resumes from the checkpoint the dead one left."""
 
 from __future__ import annotations
 
 import json
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from pipelines.stack import PIDS, Stack, down, session_members, up
+from pipelines.stack import PIDS, Stack, down, family, kill_worker, session_members, start_worker, up
 from tests.pipeline_repo import copy_repo, env_for, lock_outs, run
 
 pytestmark = pytest.mark.slow
@@ -27,20 +31,51 @@ def records(log: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_deployment_run_sends_gpu_stages_to_the_gpu_worker_and_matches_dvc_repro(tmp_path: Path,
-                                                                                   ci_dag: Path) -> None:
+def checkpoint_step(clone: Path, stage: str) -> int:
+    steps = [json.loads(p.read_text())["step"] for p in clone.glob(f".lmforge/scratch/{stage}/*/ckpt/latest.json")]
+    return max(steps, default=0)
+
+
+def stage_runs(api_url: str, stage: str) -> list[str]:
+    """States of the lmforge-stage flow runs sent for `stage`, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lmforge-stage"])),
+                                     sort=FlowRunSort.START_TIME_ASC)
+    return [r.state.name for r in runs if r.parameters.get("stage") == stage and r.state is not None]
+
+
+def test_deployment_run_survives_a_lost_gpu_worker_and_matches_dvc_repro(tmp_path: Path, ci_dag: Path) -> None:
     from stages import dag
 
     repo = copy_repo(tmp_path / "repo")  # the ci profile committed: the gpu worker checks the commit out
     stack = Stack(repo, free_port(), free_port())
     up(stack)
-    sessions = [int(p["pid"]) for p in json.loads((stack.dir / PIDS).read_text())]
+    sessions: set[int] = set()
     try:
         env = stack.env(PYTHONPATH=env_for(repo)["PYTHONPATH"])
-        done = subprocess.run([str(BIN / "prefect"), "deployment", "run", "lmforge-pipeline/default", "--watch",
-                               "--watch-timeout", "1500"], cwd=repo, env=env, capture_output=True, text=True,
-                              timeout=1600)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        pipeline = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "lmforge-pipeline/default", "--watch",
+                                     "--watch-timeout", "1500"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        # pretrain checkpoints every 20 of its 60 steps (ci profile): kill once the first is written
+        deadline = time.monotonic() + 900
+        while checkpoint_step(stack.gpu_clone, "pretrain") < 20 and pipeline.poll() is None:
+            assert time.monotonic() < deadline, "pretrain never wrote a checkpoint on the gpu worker"
+            time.sleep(0.2)
+        assert pipeline.poll() is None, pipeline.communicate()[0][-4000:]
+        killed = kill_worker(stack, "gpu")
+        assert len(killed) >= 4  # the worker, its flow run, `dvc repro`, the stage
+        start_worker(stack, "gpu")
+        out, _ = pipeline.communicate(timeout=1600)
+        assert pipeline.returncode == 0, out[-4000:]
+
+        assert stage_runs(stack.api_url, "pretrain") == ["Crashed", "Completed"]
+        worker_log = (stack.dir / "logs/worker-gpu.log").read_text(errors="replace")
+        assert "resuming from checkpoint" in worker_log and "(step 20 of 60)" in worker_log
         specs = dag.load_stages(repo)
         gpu = {n for n, s in specs.items() if s.runner == "gpu"}
         ran_here = {r["stage"]: r["runner"] for r in records(repo / "audit/log.jsonl") if r["kind"] == "stage"}
@@ -50,7 +85,9 @@ def test_deployment_run_sends_gpu_stages_to_the_gpu_worker_and_matches_dvc_repro
         assert set(ran_here.values()) == {"prefect:local"} and set(ran_there.values()) == {"prefect:gpu"}
         assert "up to date" in run(repo, "dvc", "status").stdout
         assert lock_outs(repo) == lock_outs(ci_dag)  # the same artifacts as `dvc repro` of the same commit
+        for p in json.loads((stack.dir / PIDS).read_text()):
+            sessions |= family(int(p["pid"]))[0]
     finally:
         down(stack)
-    assert not any(session_members(sid) for sid in sessions)  # nothing left behind
+    assert sessions and not any(session_members(sid) for sid in sessions)  # nothing left behind
     assert not (stack.dir / PIDS).exists()
