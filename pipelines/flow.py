@@ -42,6 +42,7 @@ from pipelines.proc import (
     outcome,
     require_ok,
     run_logged,
+    runner_label,
     stage_env,
     tracking_store_is_shared,
 )
@@ -49,7 +50,6 @@ from stages.dag import pipeline_config, pipeline_key
 
 FLOW_NAME = "lmforge-pipeline"
 GPU_DEPLOYMENT = "lmforge-stage/gpu"  # declared in prefect.yaml, served by the `gpu` work pool
-LOCAL_RUNNER = "prefect:local"
 # How long a gpu stage may take on the gpu pool, queueing included, before the flow gives up
 # on it (`pipeline(gpu_timeout_s=...)`): long enough for a pretraining stage, short enough
 # that a pipeline with no gpu worker online fails the same day instead of waiting for ever.
@@ -145,7 +145,7 @@ def _repro_locally(
     log = get_run_logger()
     argv = dvc_argv("repro", "--single-item", stage, *(["--force"] if force else []))
     result = require_ok(
-        run_logged(argv, root, stage_env(LOCAL_RUNNER, parent_run_id), log), f"stage '{stage}'"
+        run_logged(argv, root, stage_env(runner_label("local"), parent_run_id), log), f"stage '{stage}'"
     )
     return {
         "where": "local",
@@ -244,7 +244,7 @@ def _repro_on_deployment(
     """Run the stage on a gpu worker, then take its outputs back through DVC's run-cache. A run
     that ends Crashed (its worker died) is resubmitted up to `crash_retries` times."""
     log = get_run_logger()
-    env = stage_env(LOCAL_RUNNER, parent_run_id)
+    env = stage_env(runner_label("local"), parent_run_id)
     if not force and dvc_json(["status", "--json", spec.name], root, env) == {}:
         # DVC has nothing to do for it here: do not wake a GPU worker to be told so.
         return _repro_locally(spec.name, root, force, parent_run_id, "up to date; not sent to the gpu pool")

@@ -81,6 +81,17 @@ def dvc_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+def runner_label(outside_a_pool: str) -> str:
+    """Who runs a stage, for its audit record: `prefect:<work pool>` when this flow run was
+    picked up by a worker of that pool (`prefect:cpu`, `prefect:gpu`), otherwise
+    `prefect:<outside_a_pool>` (the flow called in-process, e.g. `make flow`)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    pool = ctx.flow_run.work_pool_name if ctx and ctx.flow_run else None
+    return f"prefect:{pool or outside_a_pool}"
+
+
 def stage_env(
     runner: str, parent_run_id: str | None, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:

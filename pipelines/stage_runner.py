@@ -28,18 +28,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pipelines.graph import plan
-from pipelines.proc import dvc_argv, outcome, require_ok, run_logged, stage_env
+from pipelines.proc import dvc_argv, outcome, require_ok, run_logged, runner_label, stage_env
 
 FLOW_NAME = "lmforge-stage"
-
-
-def _pool_name() -> str:
-    """The work pool this flow run was picked up from ('worker' when run some other way)."""
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    pool = ctx.flow_run.work_pool_name if ctx and ctx.flow_run else None
-    return pool or "worker"
 
 
 def _checkout(workdir: Path, rev: str, log: Any) -> None:
@@ -78,7 +69,7 @@ def run_stage(
         _checkout(root, rev, log)
     if lock is not None:
         (root / "dvc.lock").write_text(lock, encoding="utf-8")
-    runner = f"prefect:{_pool_name()}"
+    runner = runner_label("worker")
     env = stage_env(runner, parent_run_id)
     inputs = next(s for s in plan(root, [stage]) if s.name == stage).dep_targets
     if inputs:

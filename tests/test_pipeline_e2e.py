@@ -316,13 +316,9 @@ def test_mlflow_parent_and_children(repo: Path) -> None:
     assert parents[0].data.tags["audit.head_hash"] == json.loads(head)["hash"]
 
 
-def test_clean_rerun_is_byte_identical(repo: Path, tmp_path: Path) -> None:
-    again = copy_repo(tmp_path / "again")
-    run(again, "dvc", "repro")
-    assert lock_outs(again) == lock_outs(repo)
-
-
-def test_prefect_flow_leaves_the_same_dvc_lock(repo: Path, tmp_path: Path) -> None:
+def test_clean_rerun_through_the_prefect_flow_is_byte_identical(repo: Path, tmp_path: Path) -> None:
+    """A second clean run, in a fresh copy, driven by the Prefect flow instead of `dvc repro`: the
+    same artifacts and the same dvc.lock. (tests/test_stack.py makes a third, through deployments.)"""
     flowed = copy_repo(tmp_path / "flow")
     run(flowed, "python", "-m", "pipelines.flow")
     assert "up to date" in run(flowed, "dvc", "status").stdout

@@ -82,7 +82,7 @@ def test_deployment_run_survives_a_lost_gpu_worker_and_matches_dvc_repro(tmp_pat
         ran_there = {r["stage"]: r["runner"] for r in records(stack.gpu_clone / "audit/log.jsonl")
                      if r["kind"] == "stage"}
         assert set(ran_here) == set(specs) - gpu and set(ran_there) == gpu, (ran_here, ran_there)
-        assert set(ran_here.values()) == {"prefect:local"} and set(ran_there.values()) == {"prefect:gpu"}
+        assert set(ran_here.values()) == {"prefect:cpu"} and set(ran_there.values()) == {"prefect:gpu"}
         assert "up to date" in run(repo, "dvc", "status").stdout
         assert lock_outs(repo) == lock_outs(ci_dag)  # the same artifacts as `dvc repro` of the same commit
         for p in json.loads((stack.dir / PIDS).read_text()):
