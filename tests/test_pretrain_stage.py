@@ -7,7 +7,7 @@ run once:
   byte-identical weights and metrics (it resumed from its checkpoints at least once);
 - the same stage with `meta.gpus: 2` in dvc.yaml (it relaunches itself under torchrun: two gloo
   processes on CPU), run end to end by `dvc repro`, writes byte-identical outputs and the same
-  loss curve as one process with the same global batch.
+  loss curve as one process with the same global batch, replicated (DDP) and sharded (FSDP2).
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def test_kill_minus_nine_then_rerun_gives_the_same_weights(repo: Path, reference
     """Three runs are killed: one at a random moment of its start-up, two at a random moment
     after a random checkpoint (so the re-runs must resume); a fourth run finishes."""
     digest, metrics, _ = reference
-    shutil.rmtree(repo / "data/pretrain")
+    shutil.rmtree(repo / "data/pretrain/model")  # no outputs: the first run starts from nothing
+    (repo / "data/pretrain/metrics.json").unlink()
     rng = random.Random(7)
     plan = [("startup", rng.uniform(0.5, 3.0)), ("after", rng.choice([8, 12, 16])), ("after", rng.choice([24, 28, 32]))]
     killed_at = []
@@ -178,9 +179,11 @@ def test_bad_model_config_and_missing_shard_are_clear_errors(repo: Path, referen
 
 
 def outputs(repo: Path) -> dict[str, str]:
+    """Every file of the stage's declared outputs (not the .gitignore DVC keeps beside them)."""
     out = repo / "data/pretrain"
+    files = [out / "metrics.json", *(out / "model").rglob("*")]
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+            for p in sorted(files) if p.is_file()}
 
 
 def test_meta_gpus_two_runs_torchrun_and_matches_one_process_byte_for_byte(
@@ -202,18 +205,24 @@ def test_meta_gpus_two_runs_torchrun_and_matches_one_process_byte_for_byte(
     run(repo, "dvc", "commit", "--force", "pretrain")  # dvc.lock records the single-process run
     # DVC leaves meta out of the stage's hash: for it, nothing changed (placement is not a param)
     assert "up to date" in run(repo, "dvc", "status", "pretrain").stdout
+    params = repo / "params.yaml"
+    saved_params = params.read_text()
     try:
         run(repo, "dvc", "repro", "--single-item", "--force", "pretrain", timeout=900)
+        assert outputs(repo) == single  # weights, config, metrics.json: every byte
+        set_pretrain(repo, parallel="fsdp")  # sharded (FSDP2) instead of replicated: the same bytes again
+        run(repo, "dvc", "repro", "--single-item", "pretrain", timeout=900)
+        assert outputs(repo) == single
     finally:
         dvc_yaml.write_text(saved)
-    assert outputs(repo) == single  # weights, config, metrics.json: every byte
+        params.write_text(saved_params)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lmforge")
     runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'pretrain' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time ASC"])
-    assert runs[-1].data.tags["lmforge.processes"] == "2" and runs[-2].data.tags["lmforge.processes"] == "1"
+    assert [r.data.tags["lmforge.processes"] for r in runs[-3:]] == ["1", "2", "2"]
     curves = []
-    for r in (runs[-2], runs[-1]):  # one process, then two
+    for r in runs[-3:]:  # one process, then two (DDP), then two (FSDP)
         history = sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
         curves.append([m.value for m in history])
-    assert len(curves[0]) == 40 and curves[1] == curves[0]
+    assert len(curves[0]) == 40 and curves[2] == curves[1] == curves[0]

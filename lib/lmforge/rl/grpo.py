@@ -85,6 +85,8 @@ def objective(*, clip: float, kl_coef: float) -> Objective:
 class Rollouts:
     """The loop's data source for GRPO: each step, replies sampled from `model` now."""
 
+    follows_model = True  # batches depend on the weights being trained (fit refuses to shard them)
+
     def __init__(self, model: nn.Module, ref: nn.Module, enc: tiktoken.Encoding, problems: Sequence[Conversation], *,
                  prompts_per_step: int, group_size: int, temperature: float, top_k: int | None,
                  max_new_tokens: int, format_weight: float, scale: bool, ppo_epochs: int, seed: int,

@@ -12,6 +12,10 @@ and `<root>/latest.json` names the newest one. A checkpoint is written under a t
 name and renamed into place, then `latest.json` is replaced atomically, then older ones are
 deleted: a run killed at any moment leaves a complete newest checkpoint. Loading verifies
 every digest first and refuses a damaged checkpoint, naming the file. No pickle anywhere.
+
+A sharded (FSDP2) model and its optimizer state are stored whole: every process calls `save`
+(the gathering is collective) and rank 0 writes (`write`); `load` cuts each process's shards
+back out. So one checkpoint resumes at any process count, sharded or not.
 """
 
 from __future__ import annotations
@@ -25,24 +29,31 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from ..atomic import atomic_path, write_text
 from ..digest import sha256_path
 from ..errors import InputError
 from ..weights import load_state
+from .shard import full, like
 
 LATEST = "latest.json"
 FILES = ("model.safetensors", "optim.safetensors", "state.json")
+
+
+def _storage(t: torch.Tensor) -> int:
+    """What tied weights share: the data pointer (of this process's shard for a DTensor)."""
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 
 
 def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     out = {}
     for k, v in model.state_dict().items():
-        if v.data_ptr() in seen:  # tied weights: keep the first name
+        if _storage(v) in seen:  # tied weights: keep the first name
             continue
-        seen.add(v.data_ptr())
-        out[k] = v.detach().contiguous().cpu()
+        seen.add(_storage(v))
+        out[k] = full(v.detach()).contiguous().cpu()
     return out
 
 
@@ -53,7 +64,7 @@ def _split_optimizer(i: int, opt: torch.optim.Optimizer) -> tuple[dict[str, torc
     for pid, st in sd["state"].items():
         for key, val in st.items():
             if isinstance(val, torch.Tensor):
-                tensors[f"opt{i}.{pid}.{key}"] = val.detach().contiguous().cpu()
+                tensors[f"opt{i}.{pid}.{key}"] = full(val.detach()).contiguous().cpu()
             else:
                 scalars.setdefault(str(pid), {})[key] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars,
@@ -84,8 +95,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> No
 
 
 def save(root: str | Path, step: int, model: torch.nn.Module, opts: list[torch.optim.Optimizer],
-         extra: dict[str, Any], *, keep: int = 1) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints."""
+         extra: dict[str, Any], *, keep: int = 1, write: bool = True) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints.
+    `write` False: only take part in gathering a sharded model's state (ranks other than 0)."""
     root = Path(root)
     name = f"step-{step:08d}"
     opt_tensors: dict[str, torch.Tensor] = {}
@@ -94,11 +106,14 @@ def save(root: str | Path, step: int, model: torch.nn.Module, opts: list[torch.o
         t, g = _split_optimizer(i, opt)
         opt_tensors.update(t)
         groups.append(g)
+    weights = _model_state(model)
+    if not write:
+        return root / name
     rng_tensors, rng_json = rng_state()
     opt_tensors.update(rng_tensors)
     with atomic_path(root / name) as tmp:
         tmp.mkdir()
-        save_file(_model_state(model), str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optim.safetensors"))
         state = {"step": step, "optimizers": groups, "rng": rng_json, **extra}
         (tmp / "state.json").write_text(json.dumps(state, sort_keys=True) + "\n")
@@ -150,19 +165,24 @@ def load(ckpt: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer]) 
     own = model.state_dict()
     for k, v in own.items():  # tied weights were stored under their first name
         if k not in weights:
-            twin = next((n for n, t in own.items() if n in weights and t.data_ptr() == v.data_ptr()), None)
+            twin = next((n for n, t in own.items() if n in weights and _storage(t) == _storage(v)), None)
             if twin is not None:
                 weights[k] = weights[twin]
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict({k: like(own[k], v) if k in own else v for k, v in weights.items()}, strict=True)
     tensors = load_state(ckpt / "optim.safetensors")
     if len(state["optimizers"]) != len(opts):
         raise InputError(ckpt / "state.json", f"{len(state['optimizers'])} optimizers saved, {len(opts)} in use",
                          fix=f"delete {ckpt.parent}: it belongs to another configuration")
     for opt, saved in zip(opts, state["optimizers"], strict=True):
+        params = [p for g in opt.param_groups for p in g["params"]]  # the ids state_dict() numbers
         per_param: dict[int, dict[str, Any]] = {}
         for key in saved["tensor_keys"]:
             _, pid, name = key.split(".", 2)
-            per_param.setdefault(int(pid), {})[name] = tensors[key]
+            value = tensors[key]
+            p = params[int(pid)] if int(pid) < len(params) else None
+            if p is not None and value.shape == p.shape:  # a per-element state (moments): shard it as p
+                value = like(p, value)
+            per_param.setdefault(int(pid), {})[name] = value
         for pid, vals in saved["scalars"].items():
             per_param.setdefault(int(pid), {}).update(vals)
         groups = []

@@ -74,6 +74,10 @@ class TrainConfig(Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False          # torch.compile the model (CUDA only)
+    # Under torchrun: ddp keeps a whole replica of weights, gradients and optimizer state in
+    # every process; fsdp (FSDP2) shards all three across the processes, for models whose
+    # training state does not fit one device. One process ignores it. (lmforge.train.shard)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     progress: bool = True          # tqdm bar with tokens/s (and MFU on GPU)
 
     @model_validator(mode="after")

@@ -10,7 +10,9 @@
 - `data` gives `next_step(global_batch, micro_batch)` (this process's micro-batches of the next
   step) and `state_dict()` / `load_state_dict()` (its position).
 - Optimizers (Muon + AdamW, lmforge.train.optim), the warmup-stable-decay schedule, gradient
-  accumulation, clipping, bf16 autocast and torch.compile on CUDA, DDP under torchrun.
+  accumulation, clipping, bf16 autocast and torch.compile on CUDA; under torchrun DDP, or
+  FSDP2 (`parallel: fsdp`: a sharded working copy, see lmforge.train.shard; `model` receives its
+  weights for each evaluation and at the end).
 - Every `eval_every` steps and at the end, `evaluate(model)` (validation loss, bpb, ...).
 - `log(metrics, step)` receives curves by step: `train/loss`, `train/lr_mult`, `train/grad_norm`,
   `train/tokens`, and `eval/<name>` for each evaluation (rank 0 only).
@@ -37,7 +39,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, optim
+from ..errors import ConfigError
+from . import checkpoint, optim, shard
 from .config import TrainConfig
 from .dist import Dist, all_sum, barrier
 
@@ -119,17 +122,32 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _check_shardable(plugin: Plugin | None, data: Data) -> None:
+    if plugin is not None:
+        raise ConfigError("train.parallel: fsdp does not combine with a training plug-in (the governor freezes "
+                          "and thaws parameter groups, which the sharded copy does not support); use parallel: ddp")
+    if getattr(data, "follows_model", False):
+        raise ConfigError("train.parallel: fsdp: this stage's batches are sampled from the model being trained "
+                          "(RL rollouts), which the sharded copy does not support; use parallel: ddp")
+
+
 def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *, dist: Dist, total_steps: int,
         d_model: int, ckpt_dir: Path | None = None, evaluate: Evaluate | None = None, log: Log | None = None,
         flops_per_token: float | None = None, plugin: Plugin | None = None) -> Result:
     device = dist.device
-    model.to(device).train()
-    opts = optim.build(model, cfg.optim, d_model, fused=device.type == "cuda",
+    sharded = cfg.parallel == "fsdp" and dist.enabled
+    if sharded:
+        _check_shardable(plugin, data)
+        work = shard.shard(model.cpu(), dist)  # `model` waits on the CPU; the copy's shards train
+    else:
+        work = model.to(device)
+    work.train()
+    opts = optim.build(work, cfg.optim, d_model, fused=device.type == "cuda",
                        split=plugin.split() if plugin is not None else None)
     result = Result(steps=0, tokens=0, resumed_from=None)
     start = 0
     if ckpt_dir is not None and (ckpt := checkpoint.latest(ckpt_dir)) is not None:
-        state = checkpoint.load(ckpt, model, opts)
+        state = checkpoint.load(ckpt, work, opts)
         data.load_state_dict(state["data"])
         start, result.tokens, result.resumed_from = state["step"], state["tokens"], state["step"]
         result.evals = {int(k): v for k, v in state["evals"].items()}
@@ -141,8 +159,14 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
         plugin.attach(model, opts, total_steps)
 
     def wrap() -> nn.Module:
-        net: nn.Module = DistributedDataParallel(model) if dist.enabled else model
+        net: nn.Module = DistributedDataParallel(model) if dist.enabled and not sharded else work
         return torch.compile(net) if cfg.compile and device.type == "cuda" else net
+
+    def current() -> nn.Module:
+        """`model` holding the trained weights (gathered from the shards when sharded)."""
+        if sharded:
+            shard.gather_into(work, model.to(device))
+        return model
 
     net = wrap()
     autocast = autocast_for(cfg, device)
@@ -153,7 +177,9 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
     def run_eval(step: int) -> None:
         if evaluate is not None:
             with autocast:
-                result.evals[step] = dict(evaluate(model))
+                result.evals[step] = dict(evaluate(current()))
+            if sharded:
+                model.cpu()
             if emit:
                 emit({f"eval/{k}": v for k, v in result.evals[step].items()}, step)
             if plugin is not None:
@@ -174,7 +200,9 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not dist.enabled else net.no_sync()
+            if sharded:  # as DDP's no_sync: reduce-scatter once per step, after the last micro-batch
+                work.set_requires_gradient_sync(last)  # type: ignore[operator]
+            sync = contextlib.nullcontext() if last or not dist.enabled or sharded else net.no_sync()
             with sync:
                 with autocast:
                     loss = objective.loss(net, _to(batch, device))
@@ -182,8 +210,7 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
                 if loss.requires_grad:  # False only when a plug-in froze every parameter
                     (loss * (dist.world / max(n_total, 1.0))).backward()
             loss_sum += loss.detach()
-        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                     if cfg.grad_clip > 0 else None)
+        grad_norm = shard.clip_grad_norm(work.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         if plugin is not None:
             plugin.before_update(step)
         for opt in opts:
@@ -212,12 +239,14 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
         if want_eval or step + 1 == total_steps:
             run_eval(step + 1)
         if ckpt_dir is not None and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
-            if dist.main:
-                checkpoint.save(ckpt_dir, step + 1, model, opts, {
+            if dist.main or sharded:  # gathering shards takes every process; rank 0 writes
+                checkpoint.save(ckpt_dir, step + 1, work, opts, {
                     "data": data.state_dict(), "tokens": result.tokens,
                     "evals": {str(k): v for k, v in result.evals.items()},
-                    "plugin": plugin.state_dict() if plugin is not None else None})
+                    "plugin": plugin.state_dict() if plugin is not None else None}, write=dist.main)
             barrier(dist)
     bar.close()
+    if sharded:
+        current()
     result.seconds = time.perf_counter() - t0
     return result

@@ -5,7 +5,8 @@
   projections), with decoupled weight decay `cfg.weight_decay`;
 - AdamW for the input embedding, the output head and the norm weights, each its own group
   with its own lr, scaled by (d_model / lr_scale_dim) ** -0.5 as in nanochat.
-With `matrix: adamw` the matrices go to AdamW too (one optimizer).
+With `matrix: adamw` the matrices go to AdamW too (one optimizer). `Muon` is torch's, extended
+to sharded (FSDP2) matrices.
 
 Each param group keeps its peak lr in `group["peak_lr"]`; `set_lr(opts, mult)` applies the
 schedule multiplier. `wsd(step, total, cfg)` is the warmup-stable-decay multiplier. A
@@ -18,8 +19,41 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from .config import OptimConfig, ScheduleConfig
+from .shard import full, like
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon that also updates matrices sharded by FSDP2 (DTensors), exactly.
+
+    Orthogonalising a shard alone would be wrong, and letting DTensor run the Newton-Schulz
+    matmuls over shards sums in another order than one process does. So for a sharded matrix
+    the momentum stays sharded (elementwise), the update is gathered whole, orthogonalised by
+    torch's own function on every process, and each process applies its rows: the same
+    numbers as one process. Unsharded parameters go through torch's step unchanged."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        if not any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            return super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                ortho = _zeropower_via_newtonschulz(full(update), group["ns_coefficients"], group["ns_steps"],
+                                                    group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(like(p, ortho), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+        return None
 
 
 def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -66,7 +100,7 @@ def build(model: nn.Module, cfg: OptimConfig, d_model: int, *, fused: bool = Fal
     if adam_groups:
         opts.append(torch.optim.AdamW(adam_groups, betas=cfg.betas, eps=cfg.eps, **extra))
     if cfg.matrix == "muon" and groups["matrix"]:
-        opts.append(torch.optim.Muon(parts("matrix"), lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+        opts.append(Muon(parts("matrix"), lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
                                      momentum=cfg.muon_momentum, adjust_lr_fn="original"))
     for opt in opts:
         for g in opt.param_groups:
