@@ -13,6 +13,12 @@ Each task runs `dvc repro --single-item <stage>`, so DVC alone decides whether a
 to date and `dvc.lock` comes out the same as under `make run` (`dvc repro`). Prefect's own
 result caching is off for that reason. Two `dvc repro` cannot share a workspace, so the
 tasks run one after another, upstream first; a stage whose upstream failed is not run.
+
+The workspace's audit chain spans every stage: a stage that ran here appends its own record
+(runner `prefect:cpu` under a worker, `prefect:local` in-process); for one a gpu worker ran,
+the flow appends a `stage.remote` record once the outputs are back, with their digests and the
+hash of the worker's own stage record in the worker clone's chain (read from the anchor that
+the worker's stage left on its MLflow run), so each chain vouches for the other's record.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from prefect.deployments import run_deployment
 from prefect.states import State
 
 from lmforge import tracking
+from lmforge.audit import AuditLog
+from lmforge.digest import sha256_path
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.runtime import code_version
 from pipelines.graph import PlannedStage, plan
@@ -46,7 +54,7 @@ from pipelines.proc import (
     stage_env,
     tracking_store_is_shared,
 )
-from stages.dag import pipeline_config, pipeline_key
+from stages.dag import load_stage, pipeline_config, pipeline_key
 
 FLOW_NAME = "lmforge-pipeline"
 GPU_DEPLOYMENT = "lmforge-stage/gpu"  # declared in prefect.yaml, served by the `gpu` work pool
@@ -322,6 +330,8 @@ def _repro_on_deployment(
             spec.name,
             rev,
         )
+    else:
+        _audit_remote_stage(spec, root, child.id, child.work_pool_name, parent_run_id)
     return {
         "where": "deployment",
         "reason": route.reason,
@@ -330,6 +340,47 @@ def _repro_on_deployment(
         "flow_run_id": str(child.id),
         "attempts": attempt,
     }
+
+
+def _worker_record(parent_run_id: str | None, stage: str) -> dict[str, Any] | None:
+    """The worker's audit anchor for `stage` in this pipeline run: the newest finished MLflow
+    run of the stage under the parent, with the chain id, head hash and count its stage wrapper
+    tagged it with (its stage record is that head). None if the worker ran nothing (it found
+    the stage in its own run-cache) or tracked elsewhere."""
+    import mlflow
+
+    if not parent_run_id:
+        return None
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = '{stage}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs or "audit.head_hash" not in runs[0].data.tags:
+        return None
+    tags = runs[0].data.tags
+    return {"chain_id": tags["audit.chain_id"], "record_hash": tags["audit.head_hash"],
+            "count": int(tags["audit.count"]), "mlflow_run_id": runs[0].info.run_id,
+            "runner": tags.get("lmforge.runner")}
+
+
+def _audit_remote_stage(spec: PlannedStage, root: Path, flow_run_id: UUID, pool: str | None,
+                        parent_run_id: str | None) -> None:
+    """Append a `stage.remote` record to this workspace's chain for a stage a worker ran."""
+    worker = _worker_record(parent_run_id, spec.name)
+    AuditLog(root / pipeline_config(root).audit_log).append({
+        "kind": "stage.remote",
+        "stage": spec.name,
+        "runner": (worker or {}).get("runner") or f"prefect:{pool or 'gpu'}",
+        "flow_run_id": str(flow_run_id),
+        "outputs": {o: sha256_path(root / o) for o in load_stage(root, spec.name).all_outs},
+        "worker_record": worker,  # None: the worker took the stage from its own run-cache
+        "mlflow_run_id": (worker or {}).get("mlflow_run_id"),
+    })
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)

@@ -36,6 +36,8 @@ from prefect.settings import (
 from prefect.states import Failed, Running, Scheduled
 from prefect.testing.utilities import prefect_test_harness
 
+from lmforge.audit import AuditLog
+from lmforge.digest import sha256_path
 from lmforge.errors import ConfigError
 from pipelines import flow as flow_mod
 from pipelines.flow import GPU_DEPLOYMENT, choose_route, pipeline
@@ -508,7 +510,7 @@ def test_gpu_stage_sent_to_deployment_comes_back_through_run_cache(
         assert timeout == flow_mod.DEFAULT_GPU_TIMEOUT_S
         sent.append(parameters)
         state = run_stage(**parameters, workdir=str(worker), return_state=True)
-        return SimpleNamespace(state=state, name="fake-gpu-run", id="fake-id")
+        return SimpleNamespace(state=state, name="fake-gpu-run", id="fake-id", work_pool_name="gpu")
 
     monkeypatch.setattr(flow_mod, "run_deployment", fake_run_deployment)
     monkeypatch.setattr(flow_mod, "gpu_deployment_exists", lambda name=GPU_DEPLOYMENT: True)
@@ -526,6 +528,12 @@ def test_gpu_stage_sent_to_deployment_comes_back_through_run_cache(
     assert [(p["stage"], p["rev"], p["parent_run_id"]) for p in sent] == [("train", head, parent.info.run_id)]
     assert (repo / "dvc.lock").read_text() == reference_lock
     assert (repo / "report.txt").read_text() == "preptrainreport"
+    # this workspace's audit chain records the stage the worker ran, with what came back
+    (remote,) = [r for r in AuditLog(repo / "audit/log.jsonl").records() if r["kind"] == "stage.remote"]
+    assert remote["stage"] == "train" and remote["runner"] == "prefect:gpu" and remote["flow_run_id"] == "fake-id"
+    assert remote["outputs"] == {f: sha256_path(repo / f) for f in ("train.txt", "train.json")}
+    assert remote["worker_record"] is None  # the toy stage has no stage wrapper: no worker chain to name
+    assert AuditLog(repo / "audit/log.jsonl").verify().ok
 
     # Up to date here: the gpu stage is not sent again.
     again = pipeline(root=str(repo))
@@ -573,7 +581,7 @@ def test_crashed_gpu_run_is_resubmitted_but_a_failed_one_is_not(
         if len(sent) == 1:
             return SimpleNamespace(state=Crashed(message="no heartbeat for 90 s"), name="lost-run", id="id-1")
         return SimpleNamespace(state=run_stage(**parameters, workdir=str(worker), return_state=True),
-                               name="second-run", id="id-2")
+                               name="second-run", id="id-2", work_pool_name="gpu")
 
     monkeypatch.setattr(flow_mod, "run_deployment", crash_once)
     monkeypatch.setattr(flow_mod, "gpu_deployment_exists", lambda name=GPU_DEPLOYMENT: True)

@@ -1,5 +1,6 @@
 """The local stack (`make stack-up` / `make stack-down`): real servers and workers on 127.0.0.1,
-and the whole DAG sent through `prefect deployment run`, gpu stages to the gpu worker's clone.
+and the whole DAG sent through `prefect deployment run`, gpu stages to the gpu worker's clone
+(whose stage records the workspace's audit chain names by hash).
 Half way through pretraining the gpu worker is killed with everything under it (a GPU host
 lost) and started again: the heartbeat automation marks the lost run Crashed, the pipeline
 sends the stage again, and the new run resumes from the checkpoint the dead one left."""
@@ -83,6 +84,15 @@ def test_deployment_run_survives_a_lost_gpu_worker_and_matches_dvc_repro(tmp_pat
                      if r["kind"] == "stage"}
         assert set(ran_here) == set(specs) - gpu and set(ran_there) == gpu, (ran_here, ran_there)
         assert set(ran_here.values()) == {"prefect:cpu"} and set(ran_there.values()) == {"prefect:gpu"}
+        # the chains meet: for each gpu stage the workspace's chain holds a stage.remote record
+        # naming the worker's own stage record by hash, with the same output digests
+        remote = {r["stage"]: r for r in records(repo / "audit/log.jsonl") if r["kind"] == "stage.remote"}
+        there = {r["hash"]: r for r in records(stack.gpu_clone / "audit/log.jsonl")}
+        assert set(remote) == gpu
+        for stage, r in remote.items():
+            theirs = there[r["worker_record"]["record_hash"]]
+            assert theirs["kind"] == "stage" and theirs["stage"] == stage and theirs["outputs"] == r["outputs"]
+            assert r["runner"] == "prefect:gpu" and r["mlflow_run_id"] == theirs["mlflow_run_id"]
         assert "up to date" in run(repo, "dvc", "status").stdout
         assert lock_outs(repo) == lock_outs(ci_dag)  # the same artifacts as `dvc repro` of the same commit
         for p in json.loads((stack.dir / PIDS).read_text()):
