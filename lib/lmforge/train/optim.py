@@ -101,7 +101,7 @@ def build(model: nn.Module, cfg: OptimConfig, d_model: int, *, fused: bool = Fal
         opts.append(torch.optim.AdamW(adam_groups, betas=cfg.betas, eps=cfg.eps, **extra))
     if cfg.matrix == "muon" and groups["matrix"]:
         opts.append(Muon(parts("matrix"), lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-                                     momentum=cfg.muon_momentum, adjust_lr_fn="original"))
+                         momentum=cfg.muon_momentum, adjust_lr_fn="original"))
     for opt in opts:
         for g in opt.param_groups:
             g["peak_lr"] = g["lr"]

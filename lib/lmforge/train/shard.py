@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import ConfigError
@@ -46,16 +46,12 @@ def shard(model: nn.Module, dist: Dist) -> nn.Module:
     return work.to(dist.device)
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
-
-
 def gather_into(work: nn.Module, model: nn.Module) -> None:
     """Copy the sharded copy's whole weights into the plain `model` (a collective: every
     process calls it, and every process's `model` receives them)."""
-    full = get_model_state_dict(work, options=StateDictOptions(full_state_dict=True))
+    whole = get_model_state_dict(work, options=StateDictOptions(full_state_dict=True))
     device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in full.items()})
+    model.load_state_dict({k: v.to(device) for k, v in whole.items()})
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
