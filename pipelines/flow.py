@@ -18,7 +18,7 @@ The workspace's audit chain spans every stage: a stage that ran here appends its
 (runner `prefect:cpu` under a worker, `prefect:local` in-process); for one a gpu worker ran,
 the flow appends a `stage.remote` record once the outputs are back, with their digests and the
 hash of the worker's own stage record in the worker clone's chain (read from the anchor that
-the worker's stage left on its MLflow run), so each chain vouches for the other's record.
+the worker's stage left on its MLflow run), so this chain names every record it relies on.
 """
 
 from __future__ import annotations
