@@ -45,6 +45,7 @@ class StageSpec:
     gpus: int
     model: str | None = None               # meta.model: the output that is a model (an MLflow LoggedModel)
     register: dict[str, str] | None = None  # meta.register: {name, alias} in the MLflow model registry
+    parent_artifacts: tuple[str, ...] = ()  # meta.parent_artifacts: outputs logged on the pipeline's MLflow run
 
     @property
     def out_dir(self) -> str:
@@ -107,6 +108,7 @@ def load_stages(root: str | Path) -> dict[str, StageSpec]:
             gpus=gpus,
             model=meta.get("model"),
             register=meta.get("register"),
+            parent_artifacts=tuple(meta.get("parent_artifacts") or ()),
         )
         _check_model_meta(path, specs[name])
     return specs
@@ -122,6 +124,10 @@ def _check_model_meta(path: Path, spec: StageSpec) -> None:
             raise ConfigError(f"{where}.register needs meta.model (the output to register)")
         if not isinstance(r, dict) or set(r) != {"name", "alias"} or not all(isinstance(v, str) and v for v in r.values()):
             raise ConfigError(f"{where}.register must be {{name: <registered model>, alias: <alias>}}, got {r!r}")
+    for artifact in spec.parent_artifacts:
+        if artifact not in spec.all_outs:
+            raise ConfigError(f"{where}.parent_artifacts: {artifact!r} must be one of the stage's outputs "
+                              f"{list(spec.all_outs)}")
 
 
 def load_stage(root: str | Path, name: str) -> StageSpec:

@@ -45,6 +45,7 @@ from lmforge import atomic, lineage, tracking
 from lmforge.audit import AuditLog, build_stage_record
 from lmforge.config import StageConfig, build
 from lmforge.context import RunContext
+from lmforge.curves import Curves
 from lmforge.digest import sha256_file, sha256_json, sha256_path
 from lmforge.errors import ConfigError, InputError, LmforgeError, Refused
 from lmforge.runtime import code_version, environment
@@ -54,6 +55,7 @@ RUNNER_ENV = "LMFORGE_RUNNER"
 GPUS_ENV = "LMFORGE_GPUS"  # a worker's override of meta.gpus (its host's GPU count)
 STAGING = ".{}.staging-{}"  # data/.<stage>.staging-<pid>: a sibling of data/<stage>/
 SCRATCH_DIR = ".lmforge/scratch"  # per-stage resumable state (checkpoints), outside DVC outputs
+CURVES = "curves"  # data/<stage>/curves/: the step metrics as CSV, when dvc.yaml lists it under plots
 
 RunFn = Callable[..., Mapping[str, Any]]
 
@@ -135,7 +137,8 @@ def _validate_layout(spec: dag.StageSpec) -> None:
 
 
 def _run_and_publish(
-    run: RunFn, cfg: StageConfig, inputs: dict[str, Path], ctx: RunContext, spec: dag.StageSpec, root: Path
+    run: RunFn, cfg: StageConfig, inputs: dict[str, Path], ctx: RunContext, spec: dag.StageSpec, root: Path,
+    curves: Curves | None = None,
 ) -> dict[str, Any]:
     """Steps 4 and 5: run into a private staging dir, check the output contract, publish."""
     staging = root / dag.DATA_DIR / STAGING.format(spec.name, os.getpid())
@@ -145,6 +148,8 @@ def _run_and_publish(
         metrics = dict(run(cfg, inputs, staging, **kwargs))
         # metrics.json holds only deterministic values (it is a DVC metric); timings go to MLflow.
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if curves is not None:
+            curves.write(staging / CURVES)
         _check_outputs(staging, spec)
         _publish(staging, root, spec)
     finally:
@@ -302,13 +307,20 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             tracking.log_input_digests(input_digests)
             # 4-5. run, check, publish atomically
             steps = tracking.MetricBuffer(run_id)
-            ctx = RunContext(scratch=scratch, sink=steps.add, audit=_audit_state(audit))
+            curves = Curves(scratch / "curves.jsonl") if f"{spec.out_dir}/{CURVES}" in spec.plots else None
+
+            def sink(metrics: Mapping[str, Any], step: int) -> None:
+                steps.add(metrics, step)
+                if curves is not None:
+                    curves.add(metrics, step)
+
+            ctx = RunContext(scratch=scratch, sink=sink, audit=_audit_state(audit), audit_log=audit.path)
 
             def decisions() -> list[dict[str, Any]]:
                 return [{**d, "stage": name, "mlflow_run_id": run_id} for d in ctx.decisions]
 
             try:
-                metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root)
+                metrics = _run_and_publish(run, cfg, inputs, ctx, spec, root, curves)
             except Refused:
                 # a refusal is a decision too: it is audited though the stage fails
                 _append(audit, decisions(), (run_id, parent))
@@ -323,6 +335,8 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
             tracking.log_metrics(run_id, {**metrics, "time": {"wall_s": time.perf_counter() - t0, **ctx.timings}})
             for artifact in (f"{spec.out_dir}/metrics.json", *spec.plots):
                 tracking.log_artifact(run_id, root / artifact)
+            for artifact in spec.parent_artifacts:  # e.g. the report, on the pipeline's own run
+                tracking.log_artifact(parent, root / artifact)
             # 7. audit (the run's decisions, then the stage), and its head anchored on the MLflow runs
             record = build_stage_record(
                 stage=name,

@@ -68,6 +68,8 @@ def run(repo: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subpro
 TIMED = {"data/govern/metrics.json": ("wall_clock_governed_s", "wall_clock_ungoverned_s")}
 # ... and the export's model card, whose audit section names the audit head of its own run.
 AUDIT_SECTION = "\n## Audit\n"
+# ... and the report, whose last section ("This run": times, run ids, the audit head) is per run.
+REPORTS = ("data/report/report.md", "data/report/report.html")
 
 
 def lock_outs(repo: Path) -> dict[str, str]:
@@ -90,4 +92,9 @@ def lock_outs(repo: Path) -> dict[str, str]:
         assert AUDIT_SECTION in text, card
         head, _, tail = text.partition(AUDIT_SECTION)
         outs[card] = head + tail.split("\n## ", 1)[-1]
+    from lmforge.report.document import stable_part
+
+    for report in REPORTS:
+        if report in outs:
+            outs[report] = stable_part((repo / report).read_text())
     return outs

@@ -30,6 +30,26 @@ def test_one_name_per_stage(name: str) -> None:
     assert f"stages/{name}.py" in spec.deps
     # the shared code that writes metrics.json and publishes outputs must re-run a stage when it changes
     assert set(SHARED_CODE) <= set(spec.deps), set(SHARED_CODE) - set(spec.deps)
+    # the wrapper writes a declared curves/ output with lmforge.curves: its changes must re-run the stage
+    if f"data/{name}/curves" in spec.plots:
+        assert "lib/lmforge/curves.py" in spec.deps
+
+
+def test_the_report_reads_every_stage_and_the_curves_plots_exist() -> None:
+    """The report closes the DAG: it reads every other stage's metrics.json and every curves/ output,
+    and dvc.yaml's top-level plots only name files that the curves outputs hold."""
+    report = dag.load_stage(ROOT, "report")
+    specs = dag.load_stages(ROOT)
+    assert list(specs)[-1] == "report"
+    for name, spec in specs.items():
+        if name != "report":
+            assert f"data/{name}/metrics.json" in report.deps, name
+            assert all(p in report.deps for p in spec.plots), name
+    top = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    curves = {p for s in specs.values() for p in s.plots if p.endswith("/curves")}
+    for plot in top:
+        (definition,) = plot.values()
+        assert all(str(Path(f).parent) in curves for f in definition["y"]), plot
 
 
 @pytest.mark.parametrize("name", list(DVC))

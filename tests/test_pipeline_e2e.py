@@ -101,6 +101,42 @@ def test_outputs_and_metrics(repo: Path) -> None:
 
 
 
+def test_report_renders_offline_with_every_stage_number(repo: Path) -> None:
+    """report.html opens in headless Chromium with the network cut off: every figure decodes, every
+    table is there, and every stage's headline numbers are on the page and in report.md."""
+    from lmforge.export.card import headline_rows
+    from tests.report.browser import render
+
+    out = repo / "data/report"
+    metrics = json.loads((out / "metrics.json").read_text())
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert metrics["stages"] == len(STAGES) - 1 == metrics["stages_audited"]
+    assert metrics["figures"] == len(figures) >= 10  # curves, governance x2, forgetting heatmaps, forging
+    page = render(out / "report.html")
+    assert page["blocked"] == []
+    assert sorted(i["name"] for i in page["images"]) == figures
+    assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in page["images"]), page["images"]
+    assert len(page["tables"]) == metrics["tables"] and all(n >= 2 for n in page["tables"])
+    md = (out / "report.md").read_text()
+    stage_metrics = {s: json.loads((repo / f"data/{s}/metrics.json").read_text()) for s in STAGES[:-1]}
+    rows = headline_rows(stage_metrics)
+    assert {stage for stage, _, _ in rows} == set(STAGES[:-1])  # every stage has headline numbers
+    for stage, label, value in rows:
+        assert f"| {stage} | {label} | {value} |" in md
+        assert value in page["text"], (stage, label, value)
+    for figure in figures:
+        assert f"(figures/{figure})" in md
+    assert json.loads((repo / "audit/head.json").read_text())["hash"] != "" and "This run" in page["text"]
+
+
+def test_dvc_plots_show_the_training_curves(repo: Path) -> None:
+    shown = json.loads(run(repo, "dvc", "plots", "show", "--json").stdout)
+    assert {"training loss", "validation loss", "rl reward"} <= set(shown)
+    for stage in ("pretrain", "govern", "sft", "rl"):
+        tables = sorted((repo / f"data/{stage}/curves").glob("*.csv"))
+        assert tables and all(t.read_text().startswith("step,") for t in tables), stage
+
+
 def test_export_parity_card_and_lineage(repo: Path) -> None:
     """The released model in every format agrees with ours; the card cites every stage and the
     audit head the export found; the registered version walks back to pretraining in MLflow."""

@@ -10,6 +10,7 @@
   outputs and survives a killed run; the caller empties it after a successful run.
 - `ctx.audit`: the audit chain as the stage found it ({chain_id, count, head_hash, verified}),
   or None when there is no chain yet (what the export's model card cites).
+- `ctx.audit_log`: the chain's file, to read (the report's lineage); None outside a pipeline.
 
 A library function asks for `ctx` by naming it as a parameter; without it, it gets nothing.
 `RunContext()` with no arguments is a working context for tests and notebooks.
@@ -27,8 +28,9 @@ MetricsSink = Callable[[Mapping[str, Any], int], None]
 
 class RunContext:
     def __init__(self, scratch: Path | None = None, sink: MetricsSink | None = None,
-                 audit: Mapping[str, Any] | None = None):
+                 audit: Mapping[str, Any] | None = None, audit_log: Path | None = None):
         self.audit = dict(audit) if audit is not None else None
+        self.audit_log = Path(audit_log) if audit_log is not None else None
         self.scratch = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="lmforge-scratch-"))
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}

@@ -36,6 +36,10 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
                    ("allowed increase", "gate.max_increase"), ("val bpb of the released model", "retention.rl.val_bpb")],
     "forge": [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("locality", "locality"),
               ("plain LoRA locality", "baselines.lora.locality"), ("full fine-tune locality", "baselines.full.locality")],
+    # the report's (the card is written by the export stage itself, before these exist)
+    "export": [("transformers: max abs logit difference", "parity.transformers.max_abs_logit_diff"),
+               ("onnxruntime: max abs logit difference", "parity.onnxruntime.max_abs_logit_diff"),
+               ("GGUF f32: tensors identical", "parity.gguf_f32.tensors_identical")],
 }
 
 
