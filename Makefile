@@ -36,7 +36,10 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE) -c constraints.txt -e ".[dev]"
+	@# --compile-bytecode: every stage, dvc and prefect process imports torch, transformers, mlflow...;
+	@# without .pyc files (uv writes none by default, and PYTHONDONTWRITEBYTECODE stops Python writing
+	@# them) each process compiles them again: ~20 s per process on 2 cores.
+	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python $(TORCH_SOURCE) -c constraints.txt -e ".[dev]"
 	@touch $@
 
 install: $(VENV)/.installed  ## create .venv with the pinned stack
