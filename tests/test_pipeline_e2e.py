@@ -130,8 +130,11 @@ def test_report_renders_offline_with_every_stage_number(repo: Path) -> None:
 
 
 def test_dvc_plots_show_the_training_curves(repo: Path) -> None:
-    shown = json.loads(run(repo, "dvc", "plots", "show", "--json").stdout)
+    shown = json.loads(run(repo, "dvc", "plots", "show", "--json").stdout)["data"]
     assert {"training loss", "validation loss", "rl reward"} <= set(shown)
+    # one plot, three stages' files: what `dvc plots diff <rev>` lays side by side per revision
+    values = shown["training loss"][0]["content"]["data"]["values"]
+    assert len({v["filename"] for v in values}) == 3 and all(float(v["loss"]) > 0 for v in values)
     for stage in ("pretrain", "govern", "sft", "rl"):
         tables = sorted((repo / f"data/{stage}/curves").glob("*.csv"))
         assert tables and all(t.read_text().startswith("step,") for t in tables), stage
