@@ -144,7 +144,8 @@ def parity(model: GPT, hf_dir: str | Path, prompts: Sequence[Sequence[int]], n_t
     prompts and whether greedy generation gives the same `n_tokens` tokens."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    # safetensors only: a pytorch_model.bin dropped into the directory would go through torch.load
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     hf.generation_config.eos_token_id = None  # else generate fills it in from the export's file
     plain = GenerationConfig(do_sample=False, max_new_tokens=n_tokens, pad_token_id=BOS_ID)
     diff, same = 0.0, []
