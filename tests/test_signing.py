@@ -97,7 +97,7 @@ def test_keygen_writes_a_private_0600_pair_and_refuses_to_overwrite(
     assert pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     kid = signing.key_id(signing.load_public_key(pub, "t"))
     assert kid == Signer.from_file(out, "t").key_id and f"key id {kid}" in printed
-    assert f"audit_signing_key: {out}" in printed and f"audit_public_key: {pub}" in printed
+    assert f"audit_signing_key: {out.resolve()}" in printed and f"audit_public_key: {pub.resolve()}" in printed
     before = out.read_bytes(), pub.read_bytes()
     assert cli.main(["audit", "keygen", "--out", str(out)]) == 2
     assert f"{out}: already exists; refusing to overwrite" in capsys.readouterr().err

@@ -97,14 +97,15 @@ def _read_pem(path: Path, where: str, what: str) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: {what} not found (set by {where}) (fix: make a key pair with `{_KEYGEN}` and point "
-            f"{where} at it)"
-        ) from None
+        fix = (f"make a key pair with `{_KEYGEN}` and point {where} at it" if what == "private key"
+               else "use the .pub file of the key that signs this chain (PATH.pub next to its private key)")
+        raise ConfigError(f"{path}: {what} not found (set by {where}) (fix: {fix})") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a {what} file (set by {where})") from None
+        raise ConfigError(f"{path}: is a directory, not a {what} file (set by {where}) (fix: name the "
+                          "key file itself)") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror}) (set by {where})") from None
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror}) (set by {where}) (fix: make it "
+                          "readable by the user who runs the stages)") from None
     if b"-----BEGIN " not in data:
         raise ConfigError(
             f"{path}: not a PEM file (set by {where}; expected a {what} as written by `{_KEYGEN}`)"
@@ -125,7 +126,8 @@ def load_private_key(path: str | Path, where: str) -> Ed25519PrivateKey:
     data = _read_pem(path, where, "private key")
     if b"PRIVATE KEY-----" not in data:
         hint = " (it is a public key: the private key is the file without .pub)" if b"PUBLIC KEY-----" in data else ""
-        raise ConfigError(f"{path}: not a PEM private key{hint} (set by {where})")
+        raise ConfigError(f"{path}: not a PEM private key{hint} (set by {where}) (fix: point it at PATH "
+                          f"from `{_KEYGEN}`)")
     # Like ssh: a key others can read is a key others can use to sign, so refuse it outright.
     if os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -143,7 +145,8 @@ def load_private_key(path: str | Path, where: str) -> Ed25519PrivateKey:
             "host, e.g. one made by `lmforge audit keygen`)"
         ) from None
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise ConfigError(f"{path}: not a readable PEM private key ({e}) (set by {where})") from None
+        raise ConfigError(f"{path}: not a readable PEM private key ({e}) (set by {where}) (fix: restore the "
+                          f"file, or make a new pair with `{_KEYGEN}`)") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(
             f"{path}: {_kind(key)}; audit signing needs an Ed25519 key (set by {where}) "
@@ -166,7 +169,8 @@ def load_public_key(path: str | Path, where: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise ConfigError(f"{path}: not a readable PEM public key ({e}) (set by {where})") from None
+        raise ConfigError(f"{path}: not a readable PEM public key ({e}) (set by {where}) (fix: use the .pub "
+                          f"file written by `{_KEYGEN}`)") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(
             f"{path}: {_kind(key)}; audit signatures are Ed25519 (set by {where}) (fix: use the .pub "
@@ -368,6 +372,7 @@ def cli_keygen(args: argparse.Namespace) -> int:
     print(f"wrote private key {priv} (mode 0600: keep it on the signing host, outside the repo)")
     print(f"wrote public key  {pub} (give it to whoever verifies)")
     print(f"key id {kid}")
+    # Absolute paths: params.yaml resolves relative ones from the repo root, not from here.
     print("to sign every append, set in params.yaml:\n"
-          f"  pipeline:\n    audit_signing_key: {priv}\n    audit_public_key: {pub}")
+          f"  pipeline:\n    audit_signing_key: {priv.resolve()}\n    audit_public_key: {pub.resolve()}")
     return 0
