@@ -1,0 +1,232 @@
+"""Bad input everywhere: one test per row of docs/bad-input.md that no other test covers.
+
+Each case writes one bad file into a temporary directory and calls the library's own loader on
+it, as the stage or CLI would; the error must be lmforge's (never a raw traceback) and its
+message must name the file, the line or key, and the fix. Parameter ids are the table's row
+ids, and `test_table_and_tests_agree` checks the table against the tests both ways, so neither
+can drift from the other.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmforge import inputs
+from lmforge.data.sources import read_source
+from lmforge.errors import InputError
+from tests.data.test_sources import src
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "bad-input.md"
+FIXTURES = ROOT / "tests" / "fixtures" / "sources"
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A bad input, ready to load: `load` reads it the way lmforge does; the error it raises must
+    be of type `error` and hold every one of `needles` (file with line or key, problem, fix)."""
+
+    load: Callable[[], object]
+    error: type[Exception]
+    needles: tuple[str, ...]
+
+
+Case = Callable[[Path], Bad]
+ROWS: dict[str, str] = {}  # row id -> the test function that proves it
+
+
+def rows(cases: dict[str, Case]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Parametrize a test over `cases`, with the table's row ids as the parameter ids."""
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        for rid in cases:
+            assert rid not in ROWS, f"row {rid} has two tests"
+            ROWS[rid] = fn.__name__
+        return pytest.mark.parametrize("case", list(cases.values()), ids=list(cases))(fn)
+    return wrap
+
+
+def expect(bad: Bad) -> str:
+    with pytest.raises(bad.error) as e:
+        bad.load()
+    msg = str(e.value)
+    for needle in bad.needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert "(fix: " in msg, f"no fix in {msg!r}"
+    return msg
+
+
+def sparse(path: Path, size: int) -> Path:
+    """A file of `size` bytes that takes no disk: size limits are checked before reading."""
+    with path.open("wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def huge_line(prefix: bytes = b'{"text": "') -> bytes:
+    """One jsonl record a byte over the line limit."""
+    return prefix + b"a" * inputs.MAX_JSONL_LINE_BYTES + b'"}\n'
+
+
+LINE_LIMIT = f"line is longer than the {inputs.size_text(inputs.MAX_JSONL_LINE_BYTES)} limit for one record"
+JSON_LIMIT = f"over the {inputs.size_text(inputs.MAX_JSON_BYTES)} limit for a JSON file"
+
+
+# --- source corpora: data/sources/*.jsonl.gz, read by the mix stage -------------------------------
+
+def _sources(tmp: Path) -> Path:
+    """A copy of the fixture corpus kjv.jsonl.gz with the manifest.json that lists its digest."""
+    d = tmp / "sources"
+    d.mkdir()
+    for name in ("kjv.jsonl.gz", "manifest.json"):
+        shutil.copy(FIXTURES / name, d / name)
+    return d
+
+
+def _read(path: Path) -> Callable[[], object]:
+    return lambda: read_source(src(path=str(path)))
+
+
+def corpus_huge(tmp: Path) -> Bad:
+    f = tmp / "big.jsonl.gz"
+    f.write_bytes(gzip.compress(b'{"text": "ok"}\n' + huge_line(), compresslevel=1))
+    return Bad(_read(f), InputError, (f"{f}:2: {LINE_LIMIT}", "fix: split the record"))
+
+
+def corpus_truncated(tmp: Path) -> Bad:
+    f = _sources(tmp) / "kjv.jsonl.gz"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # an interrupted download
+    (f.parent / "manifest.json").unlink()  # (with the manifest the digest check would catch it first)
+    return Bad(_read(f), InputError, (f"{f}: cannot read: Compressed file ended", "fix: the file is damaged"))
+
+
+def corpus_wrong_hash(tmp: Path) -> Bad:
+    f = _sources(tmp) / "kjv.jsonl.gz"
+    text = gzip.decompress(f.read_bytes()) + b'{"id": "extra", "text": "a record added behind the manifest"}\n'
+    f.write_bytes(gzip.compress(text, mtime=0))
+    return Bad(_read(f), InputError, (f"{f}: SHA-256 ", f"does not match {f.parent / 'manifest.json'}'s",
+                                      "fix: restore the file"))
+
+
+@rows({"corpus-huge": corpus_huge, "corpus-truncated": corpus_truncated, "corpus-wrong-hash": corpus_wrong_hash})
+def test_source_corpus(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
+# --- data/sources/manifest.json: the corpora's digests, checked by the mix, quoted by the card ---
+
+def _manifest_case(write: Callable[[Path], None], problem: str) -> Case:
+    """`problem` follows the file name in the message: ":<line>: ..." or ": ..." (then a key)."""
+    def case(tmp: Path) -> Bad:
+        d = _sources(tmp)
+        write(d / "manifest.json")
+        return Bad(_read(d / "kjv.jsonl.gz"), InputError,
+                   (f"{d / 'manifest.json'}{problem}", "fix: rebuild the sources and their manifest"))
+    return case
+
+
+def _edit_kjv(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        m = json.loads(path.read_text())
+        edit(m["sources"]["kjv"])
+        path.write_text(json.dumps(m))
+    return write
+
+
+MANIFEST = {
+    "manifest-malformed": _manifest_case(lambda p: p.write_text('{"sources": {"kjv": }'),
+                                         ":1: invalid JSON: Expecting value at column 21"),
+    "manifest-wrong-type": _manifest_case(_edit_kjv(lambda e: e.update(sha256=12)),
+                                          ": key 'sources.kjv.sha256' must be 64 lowercase hex digits, got 12"),
+    "manifest-missing-field": _manifest_case(_edit_kjv(lambda e: e.pop("sha256")),
+                                             ": key 'sources.kjv.sha256' is missing"),
+    "manifest-empty": _manifest_case(lambda p: p.write_bytes(b""), ": is empty"),
+    "manifest-huge": _manifest_case(lambda p: sparse(p, inputs.MAX_JSON_BYTES + 1),
+                                    f": is {inputs.MAX_JSON_BYTES + 1:,} bytes, {JSON_LIMIT}"),
+    "manifest-non-utf8": _manifest_case(lambda p: p.write_bytes(b'{\n"built_by": "caf\xe9"}'),
+                                        ":2: not UTF-8 (invalid continuation byte at byte 18)"),
+}
+
+
+@rows(MANIFEST)
+def test_sources_manifest(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
+def test_a_file_the_manifest_does_not_list_is_read_unchecked(tmp_path: Path) -> None:
+    """The digest check is for the files the manifest lists: a user's own file beside them is
+    read as it is, and an intact listed file passes."""
+    d = _sources(tmp_path)
+    (d / "mine.jsonl").write_text('{"text": "my own document"}\n')
+    assert [x.text for x in read_source(src(path=str(d / "mine.jsonl")))] == ["my own document"]
+    assert len(read_source(src(path=str(d / "kjv.jsonl.gz")))) == json.loads(
+        (d / "manifest.json").read_text())["sources"]["kjv"]["records"]
+
+
+# --- the table and the tests agree -----------------------------------------------------------------
+
+_CELL = re.compile(r"(?<!\\)\|")
+_REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\w-]+)\])?`$")
+
+
+OPEN: set[str] = set()  # known gaps the table explains; fixing one means updating both
+# Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
+# `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
+INPUTS = ("corpus", "manifest")
+KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
+
+
+def table_rows() -> dict[str, tuple[str, str]]:
+    """Row id -> (error cell, test cell), from every table row of docs/bad-input.md that starts with an id."""
+    out: dict[str, tuple[str, str]] = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in _CELL.split(line)[1:-1]]
+        if cells and re.fullmatch(r"`[a-z0-9]+(-[a-z0-9]+)+`", cells[0]):
+            rid = cells[0].strip("`")
+            assert rid not in out, f"row {rid} appears twice in {DOC.name}"
+            out[rid] = (cells[-2], cells[-1])
+    return out
+
+
+def _functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+
+
+def test_table_and_tests_agree() -> None:
+    table = table_rows()
+    problems = [f"{i}-{k}: no row for this input and failure" for i in INPUTS for k in KINDS if f"{i}-{k}" not in table]
+    for rid, (error, cell) in table.items():
+        if cell == "N/A":
+            if not error.startswith("N/A: "):
+                problems.append(f"{rid}: an N/A row's error cell must say why, starting 'N/A: '")
+            continue
+        if cell == "open":
+            if rid not in OPEN or not error.startswith("Open: "):
+                problems.append(f"{rid}: an open row must be in OPEN and its error cell start 'Open: '")
+            continue
+        m = _REF.match(cell)
+        if m is None:
+            problems.append(f"{rid}: test cell {cell!r} is not `tests/<file>.py::<test>[<row>]`, N/A or open")
+            continue
+        if m["file"] == "tests/test_bad_input.py":
+            if ROWS.get(rid) != m["test"] or m["param"] != rid:
+                problems.append(f"{rid}: cites {m['test']}[{m['param']}], but this module proves it with "
+                                f"{ROWS[rid]}[{rid}]" if rid in ROWS else f"{rid}: no test here has this id")
+        elif m["test"] not in _functions(ROOT / m["file"]):
+            problems.append(f"{rid}: {m['file']} has no test {m['test']}")
+    problems += [f"{rid}: tested here ({test}) but not in {DOC.name}" for rid, test in ROWS.items() if rid not in table]
+    problems += [f"{rid}: in OPEN but not an open row of {DOC.name}" for rid in OPEN
+                 if table.get(rid, ("", ""))[1] != "open"]
+    assert not problems, "\n".join(problems)
