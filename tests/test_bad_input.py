@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from lmforge import inputs
+from lmforge.config import load_section
+from lmforge.data.mix import MixConfig
 from lmforge.data.sources import read_source
-from lmforge.errors import InputError
+from lmforge.errors import ConfigError, InputError
 from tests.data.test_sources import src
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend
@@ -174,6 +176,53 @@ def test_a_file_the_manifest_does_not_list_is_read_unchecked(tmp_path: Path) -> 
         (d / "manifest.json").read_text())["sources"]["kjv"]["records"]
 
 
+# --- params.yaml: every stage's section, read by lmforge.config (the stage wrapper, `lmforge forge`) ---
+
+def _params(tmp: Path, content: bytes) -> Path:
+    p = tmp / "params.yaml"
+    p.write_bytes(content)
+    return p
+
+
+def _mix_section(p: Path) -> Callable[[], object]:
+    return lambda: load_section(p, "mix", MixConfig)
+
+
+def params_missing_field(tmp: Path) -> Bad:
+    return Bad(_mix_section(_params(tmp, b"mix:\n  seed: 1\n")), ConfigError,
+               ("params.yaml: mix.sources: required key is missing", "(fix: add 'sources:')"))
+
+
+def params_empty(tmp: Path) -> Bad:
+    p = _params(tmp, b"")
+    return Bad(_mix_section(p), ConfigError, (f"{p}: section 'mix' is missing", "(fix: add a 'mix:' block)"))
+
+
+def params_huge(tmp: Path) -> Bad:
+    p = sparse(tmp / "params.yaml", inputs.MAX_YAML_BYTES + 1)
+    return Bad(_mix_section(p), ConfigError,
+               (f"{p}: is {inputs.MAX_YAML_BYTES + 1:,} bytes, over the 4 MiB limit for a YAML file",
+                "(fix: point at the params file"))
+
+
+def params_non_utf8(tmp: Path) -> Bad:
+    p = _params(tmp, b"mix:\n  seed: 1\n  # caf\xe9\n")
+    return Bad(_mix_section(p), ConfigError,
+               (f"{p}:3: not UTF-8 text (invalid continuation byte at byte 22)", "(fix: re-encode the file as UTF-8)"))
+
+
+def params_not_a_mapping(tmp: Path) -> Bad:
+    p = _params(tmp, b"mix: 5\n")
+    return Bad(_mix_section(p), ConfigError,
+               ("params.yaml: mix: expected a mapping of keys, got int", "(fix: write the section as indented"))
+
+
+@rows({"params-missing-field": params_missing_field, "params-empty": params_empty, "params-huge": params_huge,
+       "params-non-utf8": params_non_utf8, "params-not-a-mapping": params_not_a_mapping})
+def test_params(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
@@ -183,7 +232,7 @@ _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\
 OPEN: set[str] = set()  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest")
+INPUTS = ("corpus", "manifest", "params")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
