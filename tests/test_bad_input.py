@@ -22,11 +22,18 @@ from typing import Any
 import pytest
 
 from lmforge import inputs
+from lmforge.chat import ChatError
 from lmforge.config import load_section
+from lmforge.data.chats import ChatSet
+from lmforge.data.chats import build as build_chats
 from lmforge.data.mix import MixConfig
 from lmforge.data.sources import read_source
 from lmforge.errors import ConfigError, InputError
+from lmforge.forge import facts
+from lmforge.rl.pairs import PairError, read_pairs
 from tests.data.test_sources import src
+from tests.test_rl import GOOD_PAIR
+from tests.test_sft import GOOD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend
 
@@ -223,16 +230,141 @@ def test_params(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
+# --- conversation files for SFT: sft.data.sets[] of kind jsonl ---------------------------------------
+
+def _chats(tmp: Path, content: bytes) -> tuple[Path, Callable[[], object]]:
+    f = tmp / "mine.jsonl"
+    f.write_bytes(json.dumps(GOOD).encode() + b"\n" + content)
+    return f, lambda: build_chats([ChatSet(name="mine", kind="jsonl", path=str(f))], 0)
+
+
+def chats_malformed(tmp: Path) -> Bad:
+    f, load = _chats(tmp, b'{"messages": [{"role": "user", "content": "Hi?"}\n')
+    return Bad(load, InputError, (f"{f}:2: malformed JSON: Expecting ',' delimiter at column 49",
+                                  "(fix: one JSON object per line)"))
+
+
+def chats_empty(tmp: Path) -> Bad:
+    f, load = _chats(tmp, b"")
+    f.write_bytes(b"\n")
+    return Bad(load, InputError, (f"{f}: no conversations", "(fix: add lines, or remove the set)"))
+
+
+def chats_huge(tmp: Path) -> Bad:
+    f, load = _chats(tmp, huge_line(b'{"messages": [{"role": "user", "content": "'))
+    return Bad(load, InputError, (f"{f}:2: {LINE_LIMIT}", "(fix: split the record"))
+
+
+def chats_non_utf8(tmp: Path) -> Bad:
+    f, load = _chats(tmp, b'{"messages": [{"role": "user", "content": "caf\xe9?"}]}\n')
+    return Bad(load, InputError, (f"{f}:2: not UTF-8 (invalid continuation byte at byte 46 of the line)",
+                                  "(fix: re-encode the file as UTF-8)"))
+
+
+def chats_lone_surrogate(tmp: Path) -> Bad:
+    f, load = _chats(tmp, b'{"messages": [{"role": "user", "content": "Hi \\ud800?"}, '
+                          b'{"role": "assistant", "content": "Hello."}]}\n')
+    return Bad(load, ChatError, (f"{f}:2: message 0 (user) is not valid Unicode (lone surrogate '\\ud800' at "
+                                 "character 3)", "(fix: fix the \\u escape in the file)"))
+
+
+@rows({"chats-malformed": chats_malformed, "chats-empty": chats_empty, "chats-huge": chats_huge,
+       "chats-non-utf8": chats_non_utf8, "chats-lone-surrogate": chats_lone_surrogate})
+def test_sft_conversations(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
+# --- preference files for DPO: rl.dpo.files ------------------------------------------------------------
+
+def _pairs(tmp: Path, content: bytes) -> tuple[Path, Callable[[], object]]:
+    f = tmp / "prefs.jsonl"
+    f.write_bytes(json.dumps(GOOD_PAIR).encode() + b"\n" + content)
+    return f, lambda: read_pairs(f)
+
+
+def pairs_malformed(tmp: Path) -> Bad:
+    f, load = _pairs(tmp, b'{"messages": [], "chosen": "a" "rejected": "b"}\n')
+    return Bad(load, InputError, (f"{f}:2: malformed JSON: Expecting ',' delimiter at column 32",
+                                  "(fix: one JSON object per line)"))
+
+
+def pairs_empty(tmp: Path) -> Bad:
+    f, load = _pairs(tmp, b"")
+    f.write_bytes(b"")
+    return Bad(load, InputError, (f"{f}: no preference pairs", "(fix: add lines, or remove the file from rl.dpo.files)"))
+
+
+def pairs_empty_reply(tmp: Path) -> Bad:
+    f, load = _pairs(tmp, json.dumps({**GOOD_PAIR, "rejected": "  "}).encode() + b"\n")
+    return Bad(load, PairError, (f"pair {f}:2: an empty reply", "(fix: give both replies text)"))
+
+
+def pairs_huge(tmp: Path) -> Bad:
+    f, load = _pairs(tmp, huge_line(b'{"chosen": "'))
+    return Bad(load, InputError, (f"{f}:2: {LINE_LIMIT}", "(fix: split the record"))
+
+
+def pairs_non_utf8(tmp: Path) -> Bad:
+    f, load = _pairs(tmp, b'{"messages": [{"role": "user", "content": "x"}], "chosen": "\xff", "rejected": "b"}\n')
+    return Bad(load, InputError, (f"{f}:2: not UTF-8 (invalid start byte at byte 60 of the line)",
+                                  "(fix: re-encode the file as UTF-8)"))
+
+
+def pairs_prompt_ends_with_assistant(tmp: Path) -> Bad:
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    f, load = _pairs(tmp, json.dumps({**GOOD_PAIR, "messages": turns}).encode() + b"\n")
+    return Bad(load, InputError, (f"{f}:2: the prompt must end with a user turn",
+                                  "(fix: end 'messages' with the user turn"))
+
+
+@rows({"pairs-malformed": pairs_malformed, "pairs-empty": pairs_empty, "pairs-empty-reply": pairs_empty_reply,
+       "pairs-huge": pairs_huge, "pairs-non-utf8": pairs_non_utf8,
+       "pairs-prompt-ends-with-assistant": pairs_prompt_ends_with_assistant})
+def test_preference_pairs(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
+# --- facts for forge: forge.facts.real (data/sources/facts.jsonl.gz), `lmforge forge add --facts` ------
+
+def _facts(tmp: Path, content: bytes) -> tuple[Path, Callable[[], object]]:
+    f = tmp / "facts.jsonl"
+    f.write_bytes(b'{"subject": "Yon", "relation": "capital", "object": "Ur"}\n' + content)
+    return f, lambda: facts.load(f)
+
+
+def facts_huge(tmp: Path) -> Bad:
+    f, load = _facts(tmp, huge_line(b'{"subject": "'))
+    return Bad(load, InputError, (f"{f}:2: {LINE_LIMIT}", "(fix: split the record"))
+
+
+def facts_non_utf8(tmp: Path) -> Bad:
+    f, load = _facts(tmp, b'{"subject": "Z\xfcrich", "relation": "capital", "object": "Bern"}\n')
+    return Bad(load, InputError, (f"{f}:2: not UTF-8 (invalid start byte at byte 14 of the line)",
+                                  "(fix: re-encode the file as UTF-8)"))
+
+
+def facts_templates_wrong_type(tmp: Path) -> Bad:
+    f, load = _facts(tmp, b'{"subject": "Zed", "relation": "owns", "object": "cat", "templates": "{s} owns a"}\n')
+    return Bad(load, InputError, (f"{f}:2: 'templates' must be a list of strings, got str",
+                                  '(fix: write "templates": ["... {s} ..."])'))
+
+
+@rows({"facts-huge": facts_huge, "facts-non-utf8": facts_non_utf8,
+       "facts-templates-wrong-type": facts_templates_wrong_type})
+def test_facts(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
 _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\w-]+)\])?`$")
 
 
-OPEN: set[str] = set()  # known gaps the table explains; fixing one means updating both
+OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
