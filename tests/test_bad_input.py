@@ -31,9 +31,11 @@ from lmforge.data.sources import read_source
 from lmforge.errors import ConfigError, InputError
 from lmforge.forge import facts
 from lmforge.rl.pairs import PairError, read_pairs
+from lmforge.train import checkpoint
 from tests.data.test_sources import src
 from tests.test_rl import GOOD_PAIR
 from tests.test_sft import GOOD
+from tests.train.test_checkpoint import fresh, trained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend
 
@@ -355,6 +357,62 @@ def test_facts(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
+# --- training checkpoints: .lmforge/scratch/<stage>/<key>/ --------------------------------------------
+
+def _checkpoint(tmp: Path) -> Path:
+    model, opts = trained()
+    return checkpoint.save(tmp / "scratch", 3, model, opts, {"data": {"row": 1}})
+
+
+def _load_checkpoint(root: Path) -> Callable[[], object]:
+    def load() -> object:
+        ckpt = checkpoint.latest(root)
+        assert ckpt is not None
+        return checkpoint.load(ckpt, *fresh())
+    return load
+
+
+def checkpoint_wrong_type(tmp: Path) -> Bad:
+    root = _checkpoint(tmp).parent
+    (root / "latest.json").write_text(json.dumps({"checkpoint": "../../elsewhere", "step": 3}))
+    return Bad(_load_checkpoint(root), InputError,
+               (f"{root / 'latest.json'}: key 'checkpoint' must name a step-NNNNNNNN directory, got '../../elsewhere'",
+                f"(fix: delete {root} to start the stage from scratch)"))
+
+
+def checkpoint_manifest_wrong_type(tmp: Path) -> Bad:
+    ckpt = _checkpoint(tmp)
+    (ckpt / "manifest.json").write_text(json.dumps(["model.safetensors"]))
+    return Bad(_load_checkpoint(ckpt.parent), InputError,
+               (f"{ckpt / 'manifest.json'}: expected a JSON object, got list", f"(fix: delete {ckpt.parent}"))
+
+
+def checkpoint_empty(tmp: Path) -> Bad:
+    root = _checkpoint(tmp).parent
+    (root / "latest.json").write_bytes(b"")
+    return Bad(_load_checkpoint(root), InputError, (f"{root / 'latest.json'}: is empty", f"(fix: delete {root}"))
+
+
+def checkpoint_huge(tmp: Path) -> Bad:
+    root = _checkpoint(tmp).parent
+    sparse(root / "latest.json", inputs.MAX_JSON_BYTES + 1)
+    return Bad(_load_checkpoint(root), InputError, (f"{root / 'latest.json'}: is ", JSON_LIMIT, f"(fix: delete {root}"))
+
+
+def checkpoint_non_utf8(tmp: Path) -> Bad:
+    ckpt = _checkpoint(tmp)
+    (ckpt / "manifest.json").write_bytes(b'{\n  "model.safetensors": "\xff"\n}\n')
+    return Bad(_load_checkpoint(ckpt.parent), InputError,
+               (f"{ckpt / 'manifest.json'}:2: not UTF-8 (invalid start byte at byte 26)", f"(fix: delete {ckpt.parent}"))
+
+
+@rows({"checkpoint-wrong-type": checkpoint_wrong_type, "checkpoint-manifest-wrong-type": checkpoint_manifest_wrong_type,
+       "checkpoint-empty": checkpoint_empty, "checkpoint-huge": checkpoint_huge,
+       "checkpoint-non-utf8": checkpoint_non_utf8})
+def test_checkpoint(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
@@ -364,7 +422,7 @@ _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\
 OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
