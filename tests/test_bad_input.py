@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from lmforge import inputs
 from lmforge.chat import ChatError
@@ -28,11 +31,14 @@ from lmforge.data.chats import ChatSet
 from lmforge.data.chats import build as build_chats
 from lmforge.data.mix import MixConfig
 from lmforge.data.sources import read_source
+from lmforge.digest import sha256_bytes
 from lmforge.errors import ConfigError, InputError
 from lmforge.forge import facts
 from lmforge.rl.pairs import PairError, read_pairs
 from lmforge.train import checkpoint
+from lmforge.weights import load_model, save_model
 from tests.data.test_sources import src
+from tests.forge.helpers import tiny
 from tests.test_rl import GOOD_PAIR
 from tests.test_sft import GOOD
 from tests.train.test_checkpoint import fresh, trained
@@ -413,6 +419,120 @@ def test_checkpoint(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
+# --- model weights: a model directory (data/<stage>/model: config.json + model.safetensors) ------------
+
+RERUN = "(fix: re-run the stage that wrote the model (dvc repro))"
+
+
+def _model_dir(tmp: Path, *, tokenizer: bool = False) -> Path:
+    tok = None
+    if tokenizer:
+        tok = tmp / "tok"
+        tok.mkdir()
+        (tok / "tokenizer.json").write_text("{}")
+    save_model(tiny(64), tmp / "model", tokenizer_dir=tok)
+    return tmp / "model"
+
+
+def _edit_config(model: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    meta = json.loads((model / "config.json").read_text())
+    edit(meta)
+    (model / "config.json").write_text(json.dumps(meta))
+    return model / "config.json"
+
+
+def _set_weights(model: Path, data: bytes) -> Path:
+    """Replace model.safetensors and record its digest, as a stage would have written it."""
+    (model / "model.safetensors").write_bytes(data)
+    _edit_config(model, lambda m: m["files"].update({"model.safetensors": sha256_bytes(data)}))
+    return model / "model.safetensors"
+
+
+def _tensors(model: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> bytes:
+    state = {k: v.clone() for k, v in load_file(str(model / "model.safetensors")).items()}
+    edit(state)
+    return save_safetensors(state)
+
+
+def weights_malformed(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    (model / "config.json").write_text('{"format": "lmforge-model",\n "model": {,}}')
+    return Bad(lambda: load_model(model), InputError,
+               (f"{model / 'config.json'}:2: invalid JSON: Expecting property name enclosed in double quotes", RERUN))
+
+
+def weights_wrong_type(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    cfg = _edit_config(model, lambda m: m["model"].update(n_layer="two"))
+    return Bad(lambda: load_model(model), InputError,
+               (f"{cfg}: invalid model shape: model.n_layer: Input should be a valid integer (got 'two')", RERUN))
+
+
+def weights_missing_field(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    cfg = _edit_config(model, lambda m: m.pop("model"))
+    return Bad(lambda: load_model(model), InputError, (f"{cfg}: key 'model' is missing", RERUN))
+
+
+def weights_wrong_shape(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    f = _set_weights(model, _tensors(model, lambda s: s.update({"model.norm.weight": torch.ones(5)})))
+    return Bad(lambda: load_model(model), InputError,
+               (f"{f}: tensor model.norm.weight has shape (5,), config.json's model shape gives (32,)", RERUN))
+
+
+def weights_wrong_dtype(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    f = _set_weights(model, _tensors(model, lambda s: s.update({"model.norm.weight": torch.ones(32, dtype=torch.int32)})))
+    return Bad(lambda: load_model(model), InputError,
+               (f"{f}: tensor model.norm.weight has dtype torch.int32, expected a floating-point dtype", RERUN))
+
+
+def weights_empty(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    f = _set_weights(model, b"")
+    return Bad(lambda: load_model(model), InputError,
+               (f"{f}: not a readable safetensors file (Error while deserializing header: header too small)",
+                "(fix: re-run the stage that wrote it)"))
+
+
+def weights_huge(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    f = _set_weights(model, (1 << 62).to_bytes(8, "little") + b"{}")  # a header "length" of 4 EiB
+    return Bad(lambda: load_model(model), InputError,
+               (f"{f}: not a readable safetensors file (Error while deserializing header: header too large)",
+                "(fix: re-run the stage that wrote it)"))
+
+
+def weights_non_utf8(tmp: Path) -> Bad:
+    model = _model_dir(tmp)
+    (model / "config.json").write_bytes(b'{"format": "lmforge-m\xf6del"}')
+    return Bad(lambda: load_model(model), InputError,
+               (f"{model / 'config.json'}:1: not UTF-8 (invalid start byte at byte 21)", RERUN))
+
+
+def weights_hf_wrong_type(tmp: Path) -> Bad:
+    from lmforge.export.hf import load_any
+
+    hf = tmp / "hf"  # a Hugging Face export (data/export/hf), as `lmforge serve` and `generate` read it
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "num_hidden_layers": "2", "hidden_size": 32,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
+    return Bad(lambda: load_any(hf), InputError,
+               (f"{hf / 'config.json'}: not a model shape lmforge can build: model.n_layer: Input should be a "
+                "valid integer (got '2')", "(fix: re-export the model)"))
+
+
+@rows({"weights-malformed": weights_malformed, "weights-wrong-type": weights_wrong_type,
+       "weights-missing-field": weights_missing_field, "weights-wrong-shape": weights_wrong_shape,
+       "weights-wrong-dtype": weights_wrong_dtype, "weights-empty": weights_empty, "weights-huge": weights_huge,
+       "weights-non-utf8": weights_non_utf8, "weights-hf-wrong-type": weights_hf_wrong_type})
+def test_model_weights(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
@@ -422,7 +542,7 @@ _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\
 OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
