@@ -35,6 +35,7 @@ from lmforge.digest import sha256_bytes
 from lmforge.errors import ConfigError, InputError
 from lmforge.forge import facts
 from lmforge.rl.pairs import PairError, read_pairs
+from lmforge.tokenizer import load_encoder
 from lmforge.train import checkpoint
 from lmforge.weights import load_model, save_model
 from tests.data.test_sources import src
@@ -533,6 +534,67 @@ def test_model_weights(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
+# --- the tokenizer file: data/tokenizer/tokenizer/tokenizer.json and each model's tokenizer/ copy --------
+
+def _tokenizer(tmp: Path, content: bytes) -> tuple[Path, Callable[[], object]]:
+    d = tmp / "tokenizer"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(content)
+    return d / "tokenizer.json", lambda: load_encoder(d)
+
+
+RETOKENIZE = "(fix: re-run the tokenizer stage)"
+
+
+def tokenizer_malformed(tmp: Path) -> Bad:
+    f, load = _tokenizer(tmp, b'{"version": "1.0",\n "model": {"type": "BPE",}}')
+    return Bad(load, InputError, (f"{f}: not a valid tokenizers file (trailing comma at line 2 column 26)", RETOKENIZE))
+
+
+def tokenizer_wrong_type(tmp: Path) -> Bad:
+    f, load = _tokenizer(tmp, b'["not", "a", "tokenizer"]')
+    return Bad(load, InputError, (f"{f}: not a valid tokenizers file (invalid type: sequence, expected struct "
+                                  "Tokenizer at line 1 column 1)", RETOKENIZE))
+
+
+def tokenizer_missing_field(tmp: Path) -> Bad:
+    f, load = _tokenizer(tmp, b'{"version": "1.0"}')
+    return Bad(load, InputError, (f"{f}: not a valid tokenizers file (Model missing. at line 1 column 18)", RETOKENIZE))
+
+
+def tokenizer_empty(tmp: Path) -> Bad:
+    f, load = _tokenizer(tmp, b"")
+    return Bad(load, InputError,
+               (f"{f}: not a valid tokenizers file (EOF while parsing a value at line 1 column 0)", RETOKENIZE))
+
+
+def tokenizer_huge(tmp: Path) -> Bad:
+    f, load = _tokenizer(tmp, b"")
+    sparse(f, inputs.MAX_TOKENIZER_BYTES + 1)
+    return Bad(load, InputError, (f"{f}: is {inputs.MAX_TOKENIZER_BYTES + 1:,} bytes, over the 256 MiB limit for a "
+                                  "tokenizer file", "(fix: re-run the tokenizer stage, or point at a tokenizer.json)"))
+
+
+def tokenizer_non_utf8(tmp: Path) -> Bad:
+    f, load = _tokenizer(tmp, b'{"version": "1.0", "added_tokens": ["\xff"]}')
+    return Bad(load, InputError, (f"{f}: not a valid tokenizers file (stream did not contain valid UTF-8)", RETOKENIZE))
+
+
+def tokenizer_wrong_hash(tmp: Path) -> Bad:
+    model = _model_dir(tmp, tokenizer=True)
+    (model / "tokenizer" / "tokenizer.json").write_text('{"changed": true}')
+    return Bad(lambda: load_model(model), InputError,
+               (f"{model / 'tokenizer'}: sha256 does not match config.json", RERUN))
+
+
+@rows({"tokenizer-malformed": tokenizer_malformed, "tokenizer-wrong-type": tokenizer_wrong_type,
+       "tokenizer-missing-field": tokenizer_missing_field, "tokenizer-empty": tokenizer_empty,
+       "tokenizer-huge": tokenizer_huge, "tokenizer-non-utf8": tokenizer_non_utf8,
+       "tokenizer-wrong-hash": tokenizer_wrong_hash})
+def test_tokenizer_file(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
@@ -542,7 +604,7 @@ _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\
 OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
