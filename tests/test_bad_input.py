@@ -34,12 +34,15 @@ from lmforge.data.sources import read_source
 from lmforge.digest import sha256_bytes
 from lmforge.errors import ConfigError, InputError
 from lmforge.forge import facts
+from lmforge.forge.delta import weights_sha256
+from lmforge.forge.registry import Registry
 from lmforge.rl.pairs import PairError, read_pairs
 from lmforge.tokenizer import load_encoder
 from lmforge.train import checkpoint
 from lmforge.weights import load_model, save_model
 from tests.data.test_sources import src
-from tests.forge.helpers import tiny
+from tests.forge.helpers import random_delta, tiny
+from tests.forge.test_registry import KEY, _fields
 from tests.test_rl import GOOD_PAIR
 from tests.test_sft import GOOD
 from tests.train.test_checkpoint import fresh, trained
@@ -595,6 +598,107 @@ def test_tokenizer_file(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
+# --- delta files: a forge registry entry (<registry>/<id>/manifest.json + delta.safetensors) -----------
+
+READD = "(fix: re-add the delta (lmforge forge add))"
+
+
+def _entry(tmp: Path) -> tuple[Registry, str]:
+    model = tiny(64)
+    reg = Registry(tmp / "registry", base_sha256=weights_sha256(model))
+    return reg, reg.add(random_delta(model, 1), KEY, _fields(weights_sha256(model))).id
+
+
+def _edit_manifest(reg: Registry, entry: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    path = reg.root / entry / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return path
+
+
+def _set_delta(reg: Registry, entry: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Rewrite the tensor file through `edit` and record its digest, as a consistent entry."""
+    path = reg.root / entry / "delta.safetensors"
+    tensors = dict(load_file(str(path)))
+    edit(tensors)
+    data = save_safetensors(tensors)
+    path.write_bytes(data)
+    _edit_manifest(reg, entry, lambda m: m["files"].update({"delta.safetensors": sha256_bytes(data)}))
+    return path
+
+
+def _lora_a(tensors: dict[str, torch.Tensor]) -> str:
+    return next(k for k in sorted(tensors) if k.endswith(".lora_A"))
+
+
+def delta_malformed(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    (reg.root / e / "manifest.json").write_text('{"id": "x"\n "rank": 4}')
+    return Bad(lambda: reg.load(e), InputError,
+               (f"{reg.root / e / 'manifest.json'}:2: invalid JSON: Expecting ',' delimiter at column 2", READD))
+
+
+def delta_wrong_type(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    path = _edit_manifest(reg, e, lambda m: m.update(rank="four"))
+    return Bad(lambda: reg.load(e), InputError, (f"{path}: field 'rank' must be an integer >= 1, got 'four'", READD))
+
+
+def delta_missing_tensor(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    path = _set_delta(reg, e, lambda t: t.pop("router.keys"))
+    return Bad(lambda: reg.load(e), InputError, (f"{path}: tensor 'router.keys' is missing", READD))
+
+
+def delta_wrong_shape(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    path = _set_delta(reg, e, lambda t: t.update({_lora_a(t): torch.zeros(3, 32)}))  # rank 3, the manifest says 4
+    return Bad(lambda: reg.load(e), InputError,
+               (f"{path}: module model.layers.0.mlp.down_proj: expected lora_A (rank 4 x in) and lora_B "
+                "(out x rank 4)", READD))
+
+
+def delta_wrong_dtype(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    path = _set_delta(reg, e, lambda t: t.update({_lora_a(t): t[_lora_a(t)].to(torch.int64)}))
+    return Bad(lambda: reg.load(e), InputError,
+               (f"{path}: tensor model.layers.0.mlp.down_proj.lora_A has dtype torch.int64, expected a "
+                "floating-point dtype", READD))
+
+
+def delta_empty(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    (reg.root / e / "manifest.json").write_bytes(b"")
+    return Bad(lambda: reg.load(e), InputError, (f"{reg.root / e / 'manifest.json'}: is empty", READD))
+
+
+def delta_huge(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    path = reg.root / e / "delta.safetensors"
+    data = (1 << 62).to_bytes(8, "little") + b"{}"
+    path.write_bytes(data)
+    _edit_manifest(reg, e, lambda m: m["files"].update({"delta.safetensors": sha256_bytes(data)}))
+    return Bad(lambda: reg.load(e), InputError,
+               (f"{path}: not a readable safetensors file (Error while deserializing header: header too large)",
+                "(fix: re-add the delta)"))
+
+
+def delta_non_utf8(tmp: Path) -> Bad:
+    reg, e = _entry(tmp)
+    (reg.root / e / "manifest.json").write_bytes(b'{"category": "t\xe9st"}')
+    return Bad(lambda: reg.load(e), InputError,
+               (f"{reg.root / e / 'manifest.json'}:1: not UTF-8 (invalid continuation byte at byte 15)", READD))
+
+
+@rows({"delta-malformed": delta_malformed, "delta-wrong-type": delta_wrong_type,
+       "delta-missing-tensor": delta_missing_tensor, "delta-wrong-shape": delta_wrong_shape,
+       "delta-wrong-dtype": delta_wrong_dtype, "delta-empty": delta_empty, "delta-huge": delta_huge,
+       "delta-non-utf8": delta_non_utf8})
+def test_delta_files(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
@@ -604,7 +708,7 @@ _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\
 OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer", "delta")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
