@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from lmforge import inputs
+from lmforge import cli, inputs
+from lmforge.audit import AuditLog
 from lmforge.chat import ChatError
 from lmforge.config import load_section
 from lmforge.data.chats import ChatSet
@@ -43,6 +44,7 @@ from lmforge.weights import load_model, save_model
 from tests.data.test_sources import src
 from tests.forge.helpers import random_delta, tiny
 from tests.forge.test_registry import KEY, _fields
+from tests.test_audit import stage_body
 from tests.test_rl import GOOD_PAIR
 from tests.test_sft import GOOD
 from tests.train.test_checkpoint import fresh, trained
@@ -699,16 +701,61 @@ def test_delta_files(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
+# --- the audit log: audit/log.jsonl + audit/head.json, read by `lmforge audit verify` ------------------
+# audit.py is the signing work's file: these rows assert what `lmforge audit verify` prints today.
+
+def _audit(tmp: Path) -> AuditLog:
+    log = AuditLog(tmp / "audit" / "log.jsonl")
+    for i in range(2):
+        log.append(stage_body(i))
+    return log
+
+
+def audit_wrong_type(log: AuditLog) -> tuple[str, ...]:
+    log.head_path.write_text(json.dumps({"count": "3", "hash": "0" * 64}))
+    return (f"audit chain BROKEN: {log.head_path}: needs an int 'count' >= 0 and a sha256 'hash'",
+            "(fix: restore the log and head from a backup")
+
+
+def audit_empty(log: AuditLog) -> tuple[str, ...]:
+    log.path.write_bytes(b"")
+    return (f"audit chain BROKEN: {log.path} is empty: not even a genesis record",
+            "(fix: restore the log and head from a backup")
+
+
+def audit_non_utf8(log: AuditLog) -> tuple[str, ...]:
+    with log.path.open("ab") as fh:
+        fh.write(b'{"kind": "caf\xe9"}\n')
+    return (f"audit chain BROKEN at record 3 (line 4 of {log.path}): the line is not valid UTF-8",)
+
+
+AUDIT = {"audit-wrong-type": audit_wrong_type, "audit-empty": audit_empty, "audit-non-utf8": audit_non_utf8}
+for _rid in AUDIT:
+    ROWS[_rid] = "test_audit_log"
+
+
+@pytest.mark.parametrize("case", list(AUDIT.values()), ids=list(AUDIT))
+def test_audit_log(case: Callable[[AuditLog], tuple[str, ...]], tmp_path: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    log = _audit(tmp_path)
+    needles = case(log)
+    assert cli.main(["audit", "verify", "--log", str(log.path)]) == 1
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+
+
 # --- the table and the tests agree -----------------------------------------------------------------
 
 _CELL = re.compile(r"(?<!\\)\|")
 _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\w-]+)\])?`$")
 
 
-OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
+OPEN = {"facts-wrong-hash", "audit-huge"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer", "delta")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer", "delta",
+          "audit")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 
