@@ -38,7 +38,6 @@ from prefect.deployments import run_deployment
 from prefect.states import State
 
 from lmforge import tracking
-from lmforge.audit import AuditLog
 from lmforge.digest import sha256_path
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.runtime import code_version
@@ -54,7 +53,7 @@ from pipelines.proc import (
     stage_env,
     tracking_store_is_shared,
 )
-from stages.dag import load_stage, pipeline_config, pipeline_key
+from stages.dag import audit_log, load_stage, pipeline_config, pipeline_key
 
 FLOW_NAME = "lmforge-pipeline"
 GPU_DEPLOYMENT = "lmforge-stage/gpu"  # declared in prefect.yaml, served by the `gpu` work pool
@@ -372,7 +371,7 @@ def _audit_remote_stage(spec: PlannedStage, root: Path, flow_run_id: UUID, pool:
                         parent_run_id: str | None) -> None:
     """Append a `stage.remote` record to this workspace's chain for a stage a worker ran."""
     worker = _worker_record(parent_run_id, spec.name)
-    AuditLog(root / pipeline_config(root).audit_log).append({
+    audit_log(root).append({
         "kind": "stage.remote",
         "stage": spec.name,
         "runner": (worker or {}).get("runner") or f"prefect:{pool or 'gpu'}",

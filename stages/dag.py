@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import field_validator
+
+from lmforge.audit import AuditLog
 from lmforge.config import Config, build, read_yaml
 from lmforge.digest import sha256_json
 from lmforge.errors import ConfigError
@@ -26,10 +29,50 @@ class PipelineConfig(Config):
 
     audit_log: str = "audit/log.jsonl"
     mlflow_experiment: str = "lmforge"
+    # Ed25519 private key (PEM, mode 0600) that signs every new audit head into audit/head.sig;
+    # "" leaves the chain unsigned. `~` is expanded; a relative path is taken from the repo root.
+    audit_signing_key: str = ""
+    # Its public half: what `lmforge audit verify` checks signatures with. Optional where the
+    # signing key is set (the public half is derived), but an auditor's clone has only this.
+    audit_public_key: str = ""
+
+    @field_validator("audit_signing_key", "audit_public_key")
+    @classmethod
+    def _key_path(cls, v: str) -> str:
+        if v != v.strip():
+            raise ValueError(f"{v!r} has leading or trailing spaces; give the key file's path exactly")
+        if v.endswith(("/", "\\")):
+            raise ValueError(f"{v!r} is a directory; give the key file's path")
+        return v
 
 
 def pipeline_config(root: str | Path) -> PipelineConfig:
     return build(PipelineConfig, params(root).get("pipeline"), f"{PARAMS_FILE}: pipeline")
+
+
+def audit_log(root: str | Path, pipe: PipelineConfig | None = None) -> AuditLog:
+    """The workspace's audit chain (pipeline.audit_log); it signs every new head when
+    pipeline.audit_signing_key is set. A missing, unreadable, non-Ed25519 or too-open key, or a
+    public key that is not the signing key's other half, raises ConfigError naming the file and
+    the params key, so a stage fails before any work rather than after it (unsigned)."""
+    pipe = pipe or pipeline_config(root)
+    signer = None
+    if pipe.audit_signing_key:
+        from lmforge.signing import Signer, key_id, load_public_key, resolve
+
+        where = f"{PARAMS_FILE}: pipeline.audit_signing_key"
+        signer = Signer.from_file(resolve(pipe.audit_signing_key, root), where)
+        if pipe.audit_public_key:
+            pub_where = f"{PARAMS_FILE}: pipeline.audit_public_key"
+            pub_path = resolve(pipe.audit_public_key, root)
+            pub = key_id(load_public_key(pub_path, pub_where))
+            if pub != signer.key_id:
+                raise ConfigError(
+                    f"{pub_where} ({pub_path}, key {pub}) is not the public half of {where} ({signer.source}, "
+                    f"key {signer.key_id}): every signature would fail to verify (fix: point both at one pair "
+                    "made by `lmforge audit keygen --out PATH`: PATH and PATH.pub)"
+                )
+    return AuditLog(Path(root) / pipe.audit_log, signer=signer)
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,8 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
         {"params": params_digest, "inputs": input_digests, "code": _code_digests(root, spec)})[:16]
     if _rank() != 0:
         return _follow(run, cfg, inputs, scratch)
+    # Before any work: a bad signing key must fail the stage now, not leave its record unsigned.
+    audit = dag.audit_log(root, pipe)
     code = code_version(root)
     runner = os.environ.get(RUNNER_ENV, "dvc")
     # 3. tracking. Under plain `dvc repro` no driver owns the parent run: each stage finds it
@@ -298,7 +300,6 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
         exp_id, dag.pipeline_key(root), name, tags={"lmforge.commit": str(code["commit"])}
     )
     _clean_stale(root, name)
-    audit = AuditLog(root / pipe.audit_log)
     tags = {"lmforge.runner": runner, "lmforge.commit": str(code["commit"]), "lmforge.dirty": str(code["dirty"]),
             "lmforge.processes": os.environ.get("WORLD_SIZE", "1")}
     try:

@@ -67,34 +67,57 @@ def run(repo: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subpro
 # govern stage's metrics.json carries both runs' wall-clocks (issue 4 asks for them there).
 TIMED = {"data/govern/metrics.json": ("wall_clock_governed_s", "wall_clock_ungoverned_s")}
 # ... and the export's model card, whose audit section names the audit head of its own run.
+CARD = "data/export/README.md"
 AUDIT_SECTION = "\n## Audit\n"
 # ... and the report, whose last section ("This run": times, run ids, the audit head) is per run.
 REPORTS = ("data/report/report.md", "data/report/report.html")
 
 
-def lock_outs(repo: Path) -> dict[str, str]:
-    """Every output path in dvc.lock with its md5: the artifact digests two runs must share.
-    A TIMED output is represented by its content without the timing keys instead."""
+def _per_run_stripped(repo: Path, path: str) -> str | None:
+    """Output `path` without what differs between clean runs on purpose (its timings, the audit
+    head it cites); None for an output that runs must reproduce byte for byte."""
     import json
 
+    if path in TIMED:
+        keys = TIMED[path]
+        metrics = json.loads((repo / path).read_text())
+        assert all(k in metrics for k in keys), (path, keys)
+        return json.dumps({k: v for k, v in metrics.items() if k not in keys}, sort_keys=True)
+    if path == CARD:  # the model card cites the audit head, which differs per run: compare the rest
+        text = (repo / path).read_text()
+        assert AUDIT_SECTION in text, path
+        head, _, tail = text.partition(AUDIT_SECTION)
+        return head + tail.split("\n## ", 1)[-1]
+    if path in REPORTS:  # the report's last section ("This run") is per run: compare the rest
+        from lmforge.report.document import stable_part
+
+        return stable_part((repo / path).read_text())
+    return None
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """Every output path in dvc.lock with its md5: the artifact digests two runs must share.
+    An output that differs per run on purpose (TIMED, the model card) is represented by its
+    content without those parts instead."""
     import yaml
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
-    for path, keys in TIMED.items():
-        if path in outs:
-            metrics = json.loads((repo / path).read_text())
-            assert all(k in metrics for k in keys), (path, keys)
-            outs[path] = json.dumps({k: v for k, v in metrics.items() if k not in keys}, sort_keys=True)
-    card = "data/export/README.md"
-    if card in outs:  # the model card cites the audit head, which differs per run: compare the rest
-        text = (repo / card).read_text()
-        assert AUDIT_SECTION in text, card
-        head, _, tail = text.partition(AUDIT_SECTION)
-        outs[card] = head + tail.split("\n## ", 1)[-1]
-    from lmforge.report.document import stable_part
-
-    for report in REPORTS:
-        if report in outs:
-            outs[report] = stable_part((repo / report).read_text())
+    for path in outs:
+        stripped = _per_run_stripped(repo, path)
+        if stripped is not None:
+            outs[path] = stripped
     return outs
+
+
+def output_digest(repo: Path, path: str) -> str | None:
+    """What two complete runs share of output `path`: its sha256 (a directory's by lmforge.digest),
+    or that of its content without the per-run parts (as lock_outs); None if it is absent."""
+    import hashlib
+
+    from lmforge.digest import sha256_path
+
+    if not (repo / path).exists():
+        return None
+    stripped = _per_run_stripped(repo, path)
+    return sha256_path(repo / path) if stripped is None else hashlib.sha256(stripped.encode()).hexdigest()

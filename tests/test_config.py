@@ -102,7 +102,7 @@ def test_yaml_is_read_as_dvc_reads_it(tmp_path: Path) -> None:
     p.write_text("a:\n  lr: 3e-4\n  flag: on\n  big: 1.0e5\n")
     assert read_yaml(p) == {"a": {"lr": 0.0003, "flag": "on", "big": 100000.0}}
     p.write_text("a:\n  b: [1, 2\n  c: 3\n")
-    with pytest.raises(ConfigError, match=r"params.yaml:\d+: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"params.yaml:\d+: invalid YAML: .* \(fix: correct the YAML at that line"):
         read_yaml(p)
 
 

@@ -10,6 +10,12 @@ Use it like this (the stage wrapper appends one record per stage run)::
 
 and from the shell: `lmforge audit verify [--expect-hash H --expect-count N]`, `lmforge audit show`.
 
+Signed heads (optional, lmforge.signing). `AuditLog(path, signer=Signer.from_file(key, where))`
+signs every new head with an Ed25519 key, under the lock, into `<head>.sig` (`audit/head.sig`);
+`verify(public_key=...)` then also requires that signature to be valid, made by that key and to
+cover the current head. The hash chain alone cannot stop someone who rewrites the log and the
+head together; the signature can, as long as they lack the private key.
+
 Records. Line L (1-based) holds the record with `seq` L-1. Record 0 is the genesis
 (`kind: "genesis"`, a random `chain_id`, `prev_hash` of 64 zeros). Every record carries `seq`,
 `kind`, `prev_hash` (the previous record's `hash`), `ts` (ISO-8601 UTC append time), its body,
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -46,13 +53,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from filelock import FileLock, Timeout
 
 from .atomic import write_text
 from .digest import canonical_json, sha256_json
 from .errors import AuditError
+
+if TYPE_CHECKING:  # cryptography is imported only where a chain is signed or its signature checked
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .signing import SignatureReport, Signer
 
 ZERO_HASH = "0" * 64
 FORMAT = "lmforge-audit/1"
@@ -114,6 +126,7 @@ class VerifyReport:
     line: int | None = None  # 1-based line in the log of first_bad_seq
     problem: str = ""
     recoverable: bool = False  # an interrupted append that `recover()` / the next append commits
+    signature: SignatureReport | None = None  # set when verify() was given a public key
 
 
 _RESTORE = "restore the log and head from a backup; an edited chain cannot be repaired in place"
@@ -122,11 +135,20 @@ _RESTORE = "restore the log and head from a backup; an edited chain cannot be re
 class AuditLog:
     """An append-only hash chain at `path`, anchored by `head_path` (default `<log dir>/head.json`)."""
 
-    def __init__(self, path: str | Path, head_path: str | Path | None = None, *, lock_timeout: float = 120.0):
+    def __init__(
+        self,
+        path: str | Path,
+        head_path: str | Path | None = None,
+        *,
+        lock_timeout: float = 120.0,
+        signer: Signer | None = None,
+    ):
         self.path = Path(path)
         self.head_path = Path(head_path) if head_path is not None else self.path.parent / "head.json"
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.signature_path = self.head_path.with_suffix(".sig")  # audit/head.json -> audit/head.sig
         self.lock_timeout = lock_timeout
+        self.signer = signer  # None: heads are not signed
 
     # ---- reading -------------------------------------------------------------------------
     def head(self) -> Head | None:
@@ -179,12 +201,43 @@ class AuditLog:
                         f"{self.path}:{lineno}: {e} (fix: run `lmforge audit verify --log {self.path}`)"
                     ) from None
 
-    def verify(self, expect_hash: str | None = None, expect_count: int | None = None) -> VerifyReport:
-        """Check the whole chain, then the head anchor, then the optional external anchor."""
+    def verify(
+        self,
+        expect_hash: str | None = None,
+        expect_count: int | None = None,
+        *,
+        public_key: Ed25519PublicKey | None = None,
+    ) -> VerifyReport:
+        """Check the whole chain, then the head anchor, then the optional external anchor, then,
+        given a trusted `public_key`, the head's signature (`report.signature` says how it failed;
+        `ok` is False unless the signature is good too)."""
         if not self.path.exists():
             return VerifyReport(False, 0, ZERO_HASH, problem=f"{self.path} does not exist (fix: check --log)")
+        # One lock for both checks, so an append in between cannot make a good signature look stale.
         with self._locked(required=False):
-            return _Verifier(self).run(expect_hash, expect_count)
+            verifier = _Verifier(self)
+            report = verifier.run(expect_hash, expect_count)
+            if public_key is None or not report.ok:
+                return report
+            from . import signing
+
+            hashes = verifier.hashes
+            sig = signing.check(
+                self.signature_path, public_key, str(verifier.chain_id), report.count, report.head_hash,
+                lambda seq: hashes[seq] if 0 <= seq < len(hashes) else None,
+            )
+            return dataclasses.replace(report, ok=sig.ok, problem="" if sig.ok else sig.message, signature=sig)
+
+    def sign(self, signer: Signer) -> dict[str, Any]:
+        """Sign the current head after a full verify (`lmforge audit sign`): for a chain that was
+        unsigned until now, or a head a crash left unsigned. Returns the signature document."""
+        with self._locked(required=True):
+            verifier = _Verifier(self)
+            report = verifier.run(None, None) if self.path.exists() else None
+            if report is None or not report.ok:
+                problem = report.problem if report is not None else f"{self.path} does not exist"
+                raise AuditError(f"{self.path}: refusing to sign a chain that does not verify: {problem}")
+            return self._sign_head(signer, str(verifier.chain_id), Head(report.count, report.head_hash))
 
     # ---- writing -------------------------------------------------------------------------
     def append(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -205,18 +258,22 @@ class AuditLog:
                 # `lmforge audit recover` would; any other damage refuses the append.
                 self._drop_torn(fh, self.head())
                 head = self._reconcile(self.head(), self._tail(fh))
+                chain: str | None = None
                 if head.count == 0:
+                    chain = uuid.uuid4().hex
                     genesis = {
                         "seq": 0,
                         "kind": "genesis",
                         "prev_hash": ZERO_HASH,
                         "ts": utc_now(),
-                        "chain_id": uuid.uuid4().hex,
+                        "chain_id": chain,
                         "format": FORMAT,
                     }
                     head = self._commit(fh, head, _seal(genesis))
                 record = {"kind": "stage", **body, "seq": head.count, "prev_hash": head.hash, "ts": utc_now()}
-                self._commit(fh, head, _seal(record))
+                committed = self._commit(fh, head, _seal(record))
+                if self.signer is not None:
+                    self._sign_head(self.signer, str(chain or self.chain_id()), committed)
                 return record
 
     def recover(self) -> str:
@@ -357,6 +414,18 @@ class AuditLog:
         self._write_head(committed)
         return committed
 
+    def _sign_head(self, signer: Signer, chain_id: str, head: Head) -> dict[str, Any]:
+        """Write the signature of `head`; the caller holds the lock, so no newer head can be
+        signed first and then overwritten by this older one."""
+        try:
+            return signer.write(self.signature_path, chain_id, head.count, head.hash, utc_now())
+        except OSError as e:
+            raise AuditError(
+                f"{self.signature_path}: record {head.count - 1} is committed but its head could not be "
+                f"signed ({e.strerror or e}) (fix: make {self.signature_path.parent} writable, then run "
+                f"`lmforge audit sign --log {self.path}`)"
+            ) from None
+
     def _write_head(self, head: Head) -> None:
         doc: dict[str, Any] = {"count": head.count, "hash": head.hash, "updated": utc_now()}
         if head.pending is not None:
@@ -436,6 +505,7 @@ class _Verifier:
         self.log = log
         self.hashes: list[str] = []
         self.last: dict[str, Any] | None = None
+        self.chain_id: str | None = None
 
     def fail(self, seq: int | None, problem: str, *, recoverable: bool = False) -> VerifyReport:
         line = None if seq is None else seq + 1
@@ -478,6 +548,8 @@ class _Verifier:
             )
         self.hashes.append(rec["hash"])
         self.last = rec
+        if seq == 0:
+            self.chain_id = rec.get("chain_id")
         return None
 
     def check_head(self) -> VerifyReport | None:
@@ -613,12 +685,28 @@ def build_stage_record(
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def cli_verify(args: argparse.Namespace) -> int:
+_SIG_LABEL = {"UNSIGNED": "MISSING", "BAD_SIGNATURE": "BAD", "STALE": "STALE (older head)", "WRONG_KEY": "WRONG KEY"}
+
+
+def cli_verify(args: argparse.Namespace, public_key: Ed25519PublicKey | None = None, key_source: str = "") -> int:
+    """Exit 0 (intact; signed by `public_key` when one is given), 1 (chain broken), or the
+    signing.Status code of a signature problem (4 missing, 5 bad, 6 older head, 7 wrong key)."""
     log = AuditLog(args.log, args.head)
-    report = log.verify(expect_hash=args.expect_hash, expect_count=args.expect_count)
-    if report.ok:
+    report = log.verify(expect_hash=args.expect_hash, expect_count=args.expect_count, public_key=public_key)
+    sig = report.signature
+    chain_ok = report.ok or (sig is not None and sig.status.name != "NOT_IN_CHAIN")
+    if chain_ok:
         print(f"audit chain OK: {report.count} records, head {report.head_hash}")
+    if report.ok:
+        if sig is not None:
+            print(f"signature OK: {log.signature_path} covers this head, {sig.message} (trusted key: {key_source})")
+        elif log.signature_path.exists():
+            print(f"note: {log.signature_path} was not checked (fix: pass --public-key PATH, or set "
+                  "params.yaml: pipeline.audit_public_key)", file=sys.stderr)
         return 0
+    if chain_ok and sig is not None:
+        print(f"audit signature {_SIG_LABEL[sig.status.name]}: {sig.message}", file=sys.stderr)
+        return int(sig.status)
     where = (
         ""
         if report.first_bad_seq is None
@@ -626,6 +714,14 @@ def cli_verify(args: argparse.Namespace) -> int:
     )
     print(f"audit chain BROKEN{where}: {report.problem}", file=sys.stderr)
     return 1
+
+
+def cli_sign(args: argparse.Namespace, signer: Signer) -> int:
+    log = AuditLog(args.log, args.head)
+    doc = log.sign(signer)
+    print(f"signed head {doc['head_hash']} ({doc['count']} records) of chain {doc['chain_id']} with key "
+          f"{doc['key_id']} -> {log.signature_path}")
+    return 0
 
 
 def format_record(rec: dict[str, Any]) -> str:

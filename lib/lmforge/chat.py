@@ -43,7 +43,8 @@ class ChatError(LmforgeError, ValueError):
 def check(messages: Any, where: str, *, need_assistant: bool = True) -> Turns:
     """A messages list as (role, content) turns, or a ChatError naming `where` (a file and
     line, or a record id) and what is wrong: not a list of {role, content}, an unknown role,
-    a system turn that is not first, empty content, or (`need_assistant`) no assistant turn."""
+    a system turn that is not first, empty content, content that is not valid Unicode (a lone
+    surrogate), or (`need_assistant`) no assistant turn."""
     def fail(problem: str, fix: str) -> ChatError:
         return ChatError(f"{where}: {problem} (fix: {fix})")
 
@@ -62,6 +63,11 @@ def check(messages: Any, where: str, *, need_assistant: bool = True) -> Turns:
             raise fail(f"message {i} is a system turn after the first message", "put the system turn first")
         if not content.strip():
             raise fail(f"message {i} ({role}) has empty content", "drop the message or give it text")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no encoder (or parquet) accepts
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise fail(f"message {i} ({role}) is not valid Unicode (lone surrogate {content[e.start]!r} at "
+                       f"character {e.start})", "fix the \\u escape in the file") from None
         turns.append((role, content))
     if need_assistant and not any(r == "assistant" for r, _ in turns):
         raise fail("the conversation has no assistant turn, so there is nothing to train on",

@@ -8,8 +8,72 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import LmforgeError
+from .errors import ConfigError, LmforgeError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .signing import Signer
+
+_SIGNING_KEY, _PUBLIC_KEY = "audit_signing_key", "audit_public_key"
+
+
+def _key_param(params: str, field: str) -> tuple[Path, str] | None:
+    """params.yaml's `pipeline.<field>` as (path, where), resolved like the stages resolve it
+    (`~` expanded, relative to the repo root); None when there is no params file or it is unset."""
+    from .config import read_yaml
+    from .signing import resolve
+
+    path = Path(params)
+    if not path.is_file():
+        return None
+    pipe = read_yaml(path).get("pipeline") or {}
+    value = pipe.get(field, "") if isinstance(pipe, dict) else ""
+    where = f"{path}: pipeline.{field}"
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a path (a string), got {value!r}")
+    return (resolve(value, path.parent), where) if value.strip() else None
+
+
+def _trusted_key(args: argparse.Namespace) -> tuple[Ed25519PublicKey, str] | None:
+    """The public key `audit verify` checks the head's signature with, and where it came from:
+    --public-key; else params.yaml's pipeline.audit_public_key; else the public half of
+    pipeline.audit_signing_key (the signing host itself). None: the signature is not checked."""
+    from .signing import Signer, load_public_key
+
+    if args.public_key:
+        return load_public_key(args.public_key, "--public-key"), args.public_key
+    if (pub := _key_param(args.params, _PUBLIC_KEY)) is not None:
+        return load_public_key(*pub), str(pub[0])
+    if (priv := _key_param(args.params, _SIGNING_KEY)) is not None:
+        return Signer.from_file(*priv).public_key, f"the public half of {priv[0]}"
+    return None
+
+
+def _signer(args: argparse.Namespace) -> Signer:
+    from .signing import Signer
+
+    if args.key:
+        return Signer.from_file(args.key, "--key")
+    if (priv := _key_param(args.params, _SIGNING_KEY)) is not None:
+        return Signer.from_file(*priv)
+    raise ConfigError(f"no signing key: pass --key PATH, or set {args.params}: pipeline.{_SIGNING_KEY} "
+                      "(make a key pair with `lmforge audit keygen --out PATH`)")
+
+
+def _cmd_audit_sign(args: argparse.Namespace) -> int:
+    from . import audit
+
+    return audit.cli_sign(args, _signer(args))
+
+
+def _cmd_audit_keygen(args: argparse.Namespace) -> int:
+    from . import signing
+
+    return signing.cli_keygen(args)
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -26,7 +90,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         args.expect_count, args.expect_hash = anchor
-    return audit.cli_verify(args)
+    trusted = _trusted_key(args)
+    return audit.cli_verify(args, *(trusted or (None, "")))
 
 
 def _cmd_audit_show(args: argparse.Namespace) -> int:
@@ -75,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="inspect and verify the hash-chained audit log")
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    v = asub.add_parser("verify", help="exit 0 on an intact chain, non-zero naming the first bad record")
+    v = asub.add_parser(
+        "verify", help="exit 0 on an intact chain (and a good signature), non-zero naming the first bad record",
+        description="Check the hash chain against its head anchor and, when a public key is given "
+        "(--public-key, or params.yaml's pipeline.audit_public_key / audit_signing_key), the head's "
+        "Ed25519 signature. Exit codes: 0 intact; 1 chain broken (or cut/rewritten after signing); "
+        "2 usage or key-file error; 4 no signature file; 5 bad signature (the file was edited); "
+        "6 signature for an older head (records appended after signing); 7 signed by another key.",
+    )
     v.add_argument("--log", default="audit/log.jsonl", help="audit log path (default: %(default)s)")
     v.add_argument("--head", default=None, help="head anchor file (default: <log dir>/head.json)")
     v.add_argument("--expect-hash", default=None, help="also require this head hash (an external anchor)")
@@ -84,7 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also require the newest head anchored on the MLflow runs (MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")
     v.add_argument("--mlflow-experiment", default="lmforge", help="experiment holding the anchors")
+    v.add_argument("--public-key", default=None, metavar="PATH",
+                   help="trusted Ed25519 public key (PEM, from `lmforge audit keygen`); also require the "
+                   "head's signature (<head dir>/head.sig) to be valid, by this key, for the current head")
+    v.add_argument("--params", default="params.yaml",
+                   help="where to find pipeline.audit_public_key when --public-key is not given "
+                   "(default: %(default)s; ignored if absent)")
     v.set_defaults(func=_cmd_audit_verify)
+    sg = asub.add_parser("sign", help="sign the current head after verifying the chain (writes <head dir>/head.sig)")
+    sg.add_argument("--log", default="audit/log.jsonl", help="audit log path (default: %(default)s)")
+    sg.add_argument("--head", default=None, help="head anchor file (default: <log dir>/head.json)")
+    sg.add_argument("--key", default=None, metavar="PATH",
+                    help="Ed25519 private key (default: params.yaml's pipeline.audit_signing_key)")
+    sg.add_argument("--params", default="params.yaml", help="params file to read the key path from")
+    sg.set_defaults(func=_cmd_audit_sign)
+    kg = asub.add_parser("keygen", help="write a new Ed25519 key pair for signing the audit head")
+    kg.add_argument("--out", required=True, metavar="PATH",
+                    help="private key path (PEM, mode 0600; keep it outside the repo); the public key goes "
+                    "to PATH.pub. Refuses to overwrite either.")
+    kg.set_defaults(func=_cmd_audit_keygen)
     s = asub.add_parser("show", help="print the chain readably")
     s.add_argument("--log", default="audit/log.jsonl", help="audit log path (default: %(default)s)")
     s.add_argument("--last", type=int, default=None, help="only the last N records")

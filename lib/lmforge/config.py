@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
+from . import inputs
 from .digest import sha256_json
 from .errors import ConfigError
 
@@ -69,7 +70,8 @@ def _allowed(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def format_validation_error(err: ValidationError, cls: type[BaseModel], where: str) -> str:
+def validation_lines(err: ValidationError, cls: type[BaseModel], where: str) -> list[str]:
+    """One line per problem, each naming the key path under `where` and what is allowed."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -78,12 +80,16 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel], where: s
             allowed = _allowed(cls, loc[:-1])
             lines.append(f"{key}: unknown key; allowed keys here: {', '.join(allowed)}")
         elif e["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
+            lines.append(f"{key}: required key is missing (fix: add '{loc[-1]}:')")
         elif e["type"] == "value_error":  # our own validators: the message names the value already
             lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid params:\n  " + "\n  ".join(lines)
+    return lines
+
+
+def format_validation_error(err: ValidationError, cls: type[BaseModel], where: str) -> str:
+    return "invalid params:\n  " + "\n  ".join(validation_lines(err, cls, where))
 
 
 def build(cls: type[C], data: Any, where: str) -> C:
@@ -91,7 +97,8 @@ def build(cls: type[C], data: Any, where: str) -> C:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__} "
+                          "(fix: write the section as indented 'key: value' lines)")
     try:
         return cls.model_validate(data)
     except ValidationError as err:
@@ -100,27 +107,39 @@ def build(cls: type[C], data: Any, where: str) -> C:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping, read as YAML 1.2 like DVC reads params.yaml (ruamel), so `3e-4` is a float
-    and `on` a string here too, not YAML 1.1's string and boolean."""
+    and `on` a string here too, not YAML 1.1's string and boolean. Over `inputs.MAX_YAML_BYTES`,
+    not UTF-8 or not YAML is a ConfigError naming the file and line."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > inputs.MAX_YAML_BYTES:  # hand-written settings: anything this big is the wrong file
+            raise ConfigError(f"{path}: is {inputs.size_text(size)}, over the {inputs.size_text(inputs.MAX_YAML_BYTES)} "
+                              "limit for a YAML file (fix: point at the params file, not a data file)")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigError(f"{path}: file not found (fix: run from the repository root, or check the path)") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}) "
+                          "(fix: re-encode the file as UTF-8)") from None
     try:
         data = YAML(typ="safe", pure=True).load(text)
     except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', None) or e} "
+                          "(fix: correct the YAML at that line: indentation, a missing ':' or an unclosed "
+                          "bracket or quote)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__} "
+                          "(fix: write 'section:' blocks, e.g. 'mix:')")
     return data
 
 
@@ -128,5 +147,5 @@ def load_section(path: str | Path, section: str, cls: type[C]) -> C:
     """Load `section` of the YAML file at `path` into `cls`."""
     data = read_yaml(path)
     if section not in data:
-        raise ConfigError(f"{path}: section '{section}' is missing (add a '{section}:' block)")
+        raise ConfigError(f"{path}: section '{section}' is missing (fix: add a '{section}:' block)")
     return build(cls, data[section], f"{Path(path).name}: {section}")

@@ -46,6 +46,7 @@ from .atomic import atomic_path
 from .config import StageConfig
 from .digest import canonical_json
 from .errors import InputError, LmforgeError
+from .inputs import MAX_TOKENIZER_BYTES, check_size
 from .tokens import Check, Docs, Ids, SplitStats, iter_prefix, split_files, write_index, write_split
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def load(directory: str | Path) -> Tokenizer:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise InputError(path, "not found", fix="run the tokenizer stage, or pass the directory it wrote")
+    check_size(path, MAX_TOKENIZER_BYTES, "a tokenizer file", "re-run the tokenizer stage, or point at a tokenizer.json")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises bare Exception on malformed files

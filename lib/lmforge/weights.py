@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import validation_lines
 from .digest import sha256_path
 from .errors import InputError
+from .inputs import read_json_object
 from .model import GPT, ModelConfig
 
 FORMAT = "lmforge-model"
@@ -71,19 +74,40 @@ def save_model(model: GPT, out_dir: str | Path, *, tokenizer_dir: str | Path | N
     return meta
 
 
+_RERUN = "re-run the stage that wrote the model (dvc repro)"
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model directory, with the fields lmforge reads checked for type."""
     path = Path(model_dir) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found: not a model directory",
-                         fix="point at a directory written by the pretrain stage, e.g. data/pretrain/model") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"invalid JSON: {e.msg}", line=e.lineno, fix="re-run the stage that wrote it") from None
+    meta = read_json_object(path, fix=_RERUN,
+                            missing="point at a directory written by the pretrain stage, e.g. data/pretrain/model")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise InputError(path, f"format {meta.get('format')!r} v{meta.get('format_version')!r}, expected "
                          f"{FORMAT!r} v{FORMAT_VERSION}", fix="re-run the stage that wrote it with this lmforge")
+    for key, kind in (("model", dict), ("files", dict)):
+        if key not in meta:
+            raise InputError(path, f"key '{key}' is missing", fix=_RERUN)
+        if not isinstance(meta[key], kind):
+            raise InputError(path, f"key '{key}' must be an object, got {type(meta[key]).__name__}", fix=_RERUN)
+    for name, digest in meta["files"].items():
+        if not isinstance(digest, str):
+            raise InputError(path, f"key 'files.{name}' must be a sha256 string, got {type(digest).__name__}",
+                             fix=_RERUN)
+    tok = meta.get("tokenizer")
+    if tok is not None and not (isinstance(tok, dict) and isinstance(tok.get("sha256"), str)):
+        raise InputError(path, "key 'tokenizer' must be an object with a 'sha256' string", fix=_RERUN)
     return meta
+
+
+def model_config(model_dir: str | Path, meta: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig in config.json's 'model', or an InputError naming each bad key."""
+    try:
+        return ModelConfig.model_validate(meta["model"])
+    except ValidationError as err:
+        raise InputError(Path(model_dir) / CONFIG_FILE,
+                         "invalid model shape: " + "; ".join(validation_lines(err, ModelConfig, "model")),
+                         fix=_RERUN) from None
 
 
 def verify(model_dir: str | Path, meta: dict[str, Any]) -> None:
@@ -95,11 +119,27 @@ def verify(model_dir: str | Path, meta: dict[str, Any]) -> None:
             raise InputError(path, "missing", fix="re-run the stage that wrote the model")
         if sha256_path(path) != digest:
             raise InputError(path, "sha256 does not match config.json: the file is damaged or was changed",
-                             fix="re-run the stage that wrote the model (dvc repro)")
+                             fix=_RERUN)
     tok = meta.get("tokenizer")
     if tok and sha256_path(root / TOKENIZER_DIR) != tok["sha256"]:
-        raise InputError(root / TOKENIZER_DIR, "sha256 does not match config.json",
-                         fix="re-run the stage that wrote the model (dvc repro)")
+        raise InputError(root / TOKENIZER_DIR, "sha256 does not match config.json", fix=_RERUN)
+
+
+def check_tensors(path: Path, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Every tensor in `state` has the shape `model` expects and a floating-point dtype:
+    load_state_dict would silently cast an integer tensor, and fail with a bare RuntimeError on a
+    shape that disagrees with the config."""
+    own = model.state_dict()
+    for name, t in sorted(state.items()):
+        want = own.get(name)
+        if want is None:
+            continue  # an unexpected name is reported with the missing ones by the caller
+        if tuple(t.shape) != tuple(want.shape):
+            raise InputError(path, f"tensor {name} has shape {tuple(t.shape)}, config.json's model shape gives "
+                             f"{tuple(want.shape)}", fix=_RERUN)
+        if not t.is_floating_point():
+            raise InputError(path, f"tensor {name} has dtype {t.dtype}, expected a floating-point dtype",
+                             fix=_RERUN)
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -114,10 +154,11 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     root = Path(model_dir)
     meta = read_config(root)
     verify(root, meta)
-    cfg = ModelConfig.model_validate(meta["model"])
+    cfg = model_config(root, meta)
     model = GPT(cfg, init=False)
     state = load_state(root / WEIGHTS_FILE)
-    if cfg.tie_embeddings:
+    check_tensors(root / WEIGHTS_FILE, state, model)
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

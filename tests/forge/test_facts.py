@@ -42,7 +42,8 @@ def _write(tmp_path: Path, *recs: object) -> Path:
 @pytest.mark.parametrize(("rec", "message"), [
     ({"subject": "Zed", "relation": "capital", "object": ""}, "facts.jsonl:2: field 'object' is empty"),
     ({"subject": "Zed", "relation": "capital"}, "facts.jsonl:2: missing field 'object'"),
-    ({"subject": "Zed", "relation": "capital", "object": 3}, "field 'object' must be a string, got int"),
+    ({"subject": "Zed", "relation": "capital", "object": 3},
+     "field 'object' must be a string, got int (fix: write \"object\": \"<string>\""),
     ({"subject": "Zed", "relation": "capital", "object": " Paris"}, "leading or trailing whitespace"),
     ({"subject": "Zed", "relation": "owns", "object": "a cat"}, "relation 'owns' has no templates"),
     ({"subject": "Zed", "relation": "owns", "object": "cat", "templates": ["Zed owns a"]}, "must hold '{s}' exactly once"),

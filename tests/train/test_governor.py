@@ -267,3 +267,20 @@ def test_a_resumed_governed_run_equals_an_uninterrupted_one(tmp_path: Any) -> No
     assert g2.events == g1.events and g2.budget_sums == g1.budget_sums and g1.events
     for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_a_resumed_governor_keeps_the_groups_order(tmp_path: Any) -> None:
+    """state.json sorts keys: a resume must not reorder the states, or a sum over them (a step's
+    budget_sum, governance.json's max_sum) can differ in its last bit from an uninterrupted run's."""
+    specs = [GroupSpec(name=f"{name}_{i}", level=s.level, patterns=s.patterns)
+             for i, (name, s) in enumerate(zip("zyxw", SPECS, strict=True))]  # names not in sorted order
+    cfg = GovernorConfig(ema_decay=0.5, ref_steps=2, cool_ratio=0.98, converge_ratio=0.95, window=2,
+                         force_at=[0.1, 0.2, 0.3])
+    m1 = gpt()
+    g1 = Governor(cfg, partition(m1, specs))
+    train(m1, g1, steps=20, ckpt_dir=tmp_path)
+    m2 = gpt()
+    g2 = Governor(cfg, partition(m2, specs))
+    assert train(m2, g2, steps=20, ckpt_dir=tmp_path).resumed_from == 15
+    assert list(g2.states) == list(g1.states) == [s.name for s in specs]
+    assert g2.budget_sums == g1.budget_sums

@@ -2,7 +2,8 @@
 
 Used by the mix stage's sources and by `lmforge dedup`, so a bad line reads the same
 everywhere: not UTF-8, malformed JSON, not an object, a missing or non-string text field.
-Blank lines are skipped (they carry no record).
+Blank lines are skipped (they carry no record); a line over `lmforge.inputs.MAX_JSONL_LINE_BYTES`
+is refused.
 """
 
 from __future__ import annotations
@@ -14,15 +15,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import inputs
 from ..errors import InputError
 
 
 def records(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
-    """(1-based line number, raw line with its terminator, parsed object) for each record."""
+    """(1-based line number, raw line with its terminator, parsed object) for each record.
+
+    A line longer than `inputs.MAX_JSONL_LINE_BYTES` is refused before more of it is read, so
+    a binary file or one giant record fails with its line number instead of exhausting memory.
+    """
+    limit = inputs.MAX_JSONL_LINE_BYTES
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
-            for n, raw in enumerate(fh, start=1):
+            n = 0
+            while raw := fh.readline(limit + 1):
+                n += 1
+                if len(raw) > limit:
+                    raise InputError(path, f"line is longer than the {inputs.size_text(limit)} limit for one record",
+                                     line=n, fix="split the record, or check that the file is jsonl "
+                                     "(one JSON object per line)")
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -30,21 +43,23 @@ def records(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
                                      fix="re-encode the file as UTF-8") from None
                 if not line.strip():
                     continue
-                try:
-                    rec = json.loads(line)
+                try:  # without its terminator, so an unclosed record reports this line's column, not "line 2"
+                    rec = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    raise InputError(path, f"malformed JSON: {e.msg} at column {e.colno}", line=n,
+                    raise InputError(path, f"malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}", line=n,
                                      fix="one JSON object per line") from None
                 if not isinstance(rec, dict):
                     raise InputError(path, f"expected a JSON object, got {type(rec).__name__}", line=n,
                                      fix='write {"text": "..."}')
                 yield n, raw, rec
     except IsADirectoryError:
-        raise InputError(path, "is a directory, not a jsonl file") from None
+        raise InputError(path, "is a directory, not a jsonl file", fix="point at a .jsonl or .jsonl.gz file") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip: truncated, corrupt, or not gzip at all
         if isinstance(e, FileNotFoundError):
             raise InputError(path, "file not found", fix="check the path") from None
-        raise InputError(path, f"cannot read: {e}") from None
+        raise InputError(path, f"cannot read: {e}",
+                         fix="the file is damaged, truncated or not what its name says (a .gz must be one "
+                         "whole gzip stream): re-create or re-download it") from None
 
 
 def text_of(rec: dict[str, Any], field: str, path: Path | str, line: int, fix: str = "") -> str:

@@ -2,6 +2,11 @@
 
 Every malformed record is an InputError naming the file and line; nothing is skipped
 silently. Document ids are made global by prefixing the source name ("sotu/sotu-12").
+
+A local source file listed in a `manifest.json` beside it (data/sources/manifest.json, written
+by scripts/build_sources.py) must have the SHA-256 the manifest gives it: the model card quotes
+those digests as what the model was trained on, so a file changed behind the manifest's back is
+refused rather than misreported.
 """
 
 from __future__ import annotations
@@ -15,10 +20,15 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from ..config import Config
+from ..digest import sha256_file
 from ..errors import InputError
+from ..inputs import read_json_object
 from . import jsonl
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MANIFEST = "manifest.json"
+_MANIFEST_FIX = "rebuild the sources and their manifest (python scripts/build_sources.py), or fix the entry"
 
 
 class SourceConfig(Config):
@@ -151,6 +161,49 @@ def _read_hub(src: SourceConfig) -> Iterator[Row]:
                          fix="check the id, config and revision, and network access (HF_HUB_OFFLINE)") from None
 
 
+def listed_sha256(path: Path) -> str | None:
+    """The SHA-256 that the manifest.json beside `path` gives the file, or None when there is no
+    manifest or it does not list the file. Every entry is checked, not only this file's, so a
+    damaged manifest is caught whichever source is read first."""
+    manifest = path.parent / MANIFEST
+    if not manifest.is_file():
+        return None
+    m = read_json_object(manifest, fix=_MANIFEST_FIX)
+    if "sources" not in m:
+        raise InputError(manifest, "key 'sources' is missing", fix=_MANIFEST_FIX)
+    entries = m["sources"]
+    if not isinstance(entries, dict):
+        raise InputError(manifest, f"key 'sources' must be an object of name -> {{file, sha256}}, got "
+                         f"{type(entries).__name__}", fix=_MANIFEST_FIX)
+    found = None
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise InputError(manifest, f"key 'sources.{name}' must be an object with 'file' and 'sha256', got "
+                             f"{type(entry).__name__}", fix=_MANIFEST_FIX)
+        for key in ("file", "sha256"):
+            if key not in entry:
+                raise InputError(manifest, f"key 'sources.{name}.{key}' is missing", fix=_MANIFEST_FIX)
+        if not isinstance(entry["file"], str):
+            raise InputError(manifest, f"key 'sources.{name}.file' must be a file name, got "
+                             f"{type(entry['file']).__name__}", fix=_MANIFEST_FIX)
+        if not isinstance(entry["sha256"], str) or not _SHA256.match(entry["sha256"]):
+            raise InputError(manifest, f"key 'sources.{name}.sha256' must be 64 lowercase hex digits, got "
+                             f"{entry['sha256']!r}", fix=_MANIFEST_FIX)
+        if entry["file"] == path.name:
+            found = entry["sha256"]
+    return found
+
+
+def check_listed(path: Path) -> None:
+    """Refuse a source file whose bytes are not those its manifest lists (no manifest: no check)."""
+    want = listed_sha256(path)
+    if want is not None and (got := sha256_file(path)) != want:
+        raise InputError(path, f"SHA-256 {got[:16]}... does not match {path.parent / MANIFEST}'s {want[:16]}...: "
+                         "the file was changed or damaged after the manifest was written",
+                         fix="restore the file (git checkout / dvc checkout), or rebuild the sources and their "
+                         "manifest (python scripts/build_sources.py)")
+
+
 def read_source(src: SourceConfig, root: Path = Path(".")) -> list[Document]:
     """All documents of one source, in file order (capped at `max_docs`).
 
@@ -165,6 +218,8 @@ def read_source(src: SourceConfig, root: Path = Path(".")) -> list[Document]:
         where = root / src.path
         if not where.exists():
             raise InputError(where, "source not found", fix=f"fix the path of source '{src.name}' in params.yaml")
+        if where.is_file():  # a manifest lists files; a directory of shards or texts has no entry
+            check_listed(where)
         fmt = src.resolved_format()
         rows = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}[fmt](src, where)
     docs: list[Document] = []

@@ -53,6 +53,7 @@ import torch
 from ..atomic import atomic_path
 from ..engine import generate
 from ..errors import InputError, LmforgeError
+from ..inputs import MAX_TOKENIZER_BYTES
 from ..model import GPT, ModelConfig
 from ..tokenizer import BOS, BOS_ID, CONFIG_FILE, SPLIT_PATTERN, TOKENIZER_FILE
 from ..weights import state_for_save
@@ -132,8 +133,9 @@ def _qtype(array: np.ndarray, dtype: Dtype) -> gguf.GGMLQuantizationType:
 # --- the tokenizer -----------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
+    # tokenizer.json of a large vocabulary is tens of MiB: the tokenizer's limit, not the metadata one
     return read_object(path, missing="pass the tokenizer directory the model was trained with",
-                       invalid="re-run the tokenizer stage")
+                       invalid="re-run the tokenizer stage", limit=MAX_TOKENIZER_BYTES)
 
 
 def _tokenizer_fields(tokenizer_dir: Path, n_vocab: int) -> dict[str, Any]:

@@ -23,13 +23,23 @@ from typing import Any
 
 import tiktoken
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
+from ..config import validation_lines
 from ..engine import generate
 from ..errors import InputError
 from ..model import GPT, ModelConfig
 from ..tokenizer import BOS_ID, CONFIG_FILE, TOKENIZER_FILE, load_encoder, special_id
-from ..weights import FORMAT, WEIGHTS_FILE, load_model, load_state, state_for_save, tokenizer_path
+from ..weights import (
+    FORMAT,
+    WEIGHTS_FILE,
+    check_tensors,
+    load_model,
+    load_state,
+    state_for_save,
+    tokenizer_path,
+)
 from .jsonfile import read_object
 
 EOS = "<|assistant_end|>"
@@ -79,6 +89,11 @@ def model_config(hf: dict[str, Any], path: Path) -> ModelConfig:
                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     except KeyError as e:
         raise InputError(path, f"missing key {e.args[0]!r}", fix="re-export the model") from None
+    except ValidationError as e:  # a value of the wrong type, or a shape the model cannot take
+        raise InputError(path, "not a model shape lmforge can build: "
+                         + "; ".join(validation_lines(e, ModelConfig, "model")), fix="re-export the model") from None
+    except (TypeError, ValueError) as e:  # float() of a non-number, or // of one
+        raise InputError(path, f"a shape key is not a number ({e})", fix="re-export the model") from None
 
 
 def _tokenizer_files(tokenizer_dir: Path, out: Path, max_len: int) -> None:
@@ -126,6 +141,7 @@ def load_any(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tu
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model = GPT(cfg, init=False)
+    check_tensors(root / WEIGHTS_FILE, state, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(root / WEIGHTS_FILE, f"tensors do not match config.json: missing {missing}, "
@@ -144,7 +160,8 @@ def parity(model: GPT, hf_dir: str | Path, prompts: Sequence[Sequence[int]], n_t
     prompts and whether greedy generation gives the same `n_tokens` tokens."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    # safetensors only: a pytorch_model.bin dropped into the directory would go through torch.load
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     hf.generation_config.eos_token_id = None  # else generate fills it in from the export's file
     plain = GenerationConfig(do_sample=False, max_new_tokens=n_tokens, pad_token_id=BOS_ID)
     diff, same = 0.0, []

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..inputs import read_json_object
 
 
-def read_object(path: str | Path, *, missing: str, invalid: str) -> dict[str, Any]:
-    """The object in `path`; `missing` / `invalid` are the fixes to print when it is absent or bad."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found", fix=missing) from None
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"invalid JSON: {e.msg}", line=e.lineno, fix=invalid) from None
-    except UnicodeDecodeError:
-        raise InputError(path, "not UTF-8", fix=invalid) from None
-    if not isinstance(data, dict):
-        raise InputError(path, "not a JSON object", fix=invalid)
-    return data
+def read_object(path: str | Path, *, missing: str, invalid: str, limit: int | None = None) -> dict[str, Any]:
+    """The object in `path`; `missing` / `invalid` are the fixes to print when it is absent or bad
+    (lmforge.inputs.read_json_object: not UTF-8, empty, over `limit`, not JSON, not an object)."""
+    return read_json_object(path, fix=invalid, missing=missing, limit=limit)

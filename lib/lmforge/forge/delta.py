@@ -115,7 +115,7 @@ class Delta(nn.Module):
         shapes = {}
         for n in names:
             a, b = tensors.get(f"{n}.lora_A"), tensors.get(f"{n}.lora_B")
-            if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
+            if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
                 raise ValueError(f"module {n}: expected lora_A (rank {rank} x in) and lora_B (out x rank {rank})")
             shapes[n] = (b.shape[0], a.shape[1])
         d = cls(shapes, rank, alpha)

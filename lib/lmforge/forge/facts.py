@@ -142,7 +142,8 @@ def _field(rec: dict[str, object], key: str, path: Path, line: int, *, required:
                          fix='every fact needs "subject", "relation" and "object" strings')
     v = rec[key]
     if not isinstance(v, str):
-        raise InputError(path, f"field '{key}' must be a string, got {type(v).__name__}", line=line)
+        raise InputError(path, f"field '{key}' must be a string, got {type(v).__name__}", line=line,
+                         fix=f'write "{key}": "<string>"')
     if not v.strip():
         raise InputError(path, f"field '{key}' is empty", line=line, fix=f"give the fact a non-empty {key}")
     if v != v.strip():
@@ -156,7 +157,10 @@ def _templates(rec: dict[str, object], key: str, path: Path, line: int) -> list[
     if v is None:
         return None
     if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
-        raise InputError(path, f"'{key}' must be a list of strings", line=line)
+        got = (f"an item of type {next(type(t).__name__ for t in v if not isinstance(t, str))}"
+               if isinstance(v, list) else type(v).__name__)
+        raise InputError(path, f"'{key}' must be a list of strings, got {got}", line=line,
+                         fix=f'write "{key}": ["... {{s}} ..."]')
     for t in v:
         if t.count("{s}") != 1 or t != t.strip():
             raise InputError(path, f"{key} entry {t!r} must hold '{{s}}' exactly once and no outer whitespace",

@@ -39,6 +39,7 @@ from ..atomic import atomic_path, remove
 from ..config import Config
 from ..digest import sha256_file
 from ..errors import InputError, LmforgeError
+from ..inputs import read_json_object
 from .delta import Delta
 from .router import Key
 
@@ -103,28 +104,34 @@ class Registry:
 
     def manifest(self, entry_id: str) -> dict[str, Any]:
         path = self.root / entry_id / MANIFEST
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(path, "missing: not a registry entry", fix="remove the directory or re-add the delta") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(path, f"not valid JSON ({e})", fix="re-add the delta") from None
-        if not isinstance(m, dict):
-            raise InputError(path, "expected a JSON object")
+        readd = "re-add the delta (lmforge forge add)"
+        m = read_json_object(path, fix=readd, missing="remove the directory, or re-add the delta")
         if missing := [k for k in REQUIRED if k not in m]:
             raise InputError(path, f"manifest lacks field(s) {', '.join(missing)}",
                              fix=f"a manifest holds {', '.join(REQUIRED)}; re-add the delta with `lmforge forge add`")
+        # the fields load() computes with: a wrong type here would surface later as a bare TypeError
+        for key, ok, want in (("rank", lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+                              ("alpha", lambda v: type(v) in (int, float), "a number"),
+                              ("base_sha256", lambda v: isinstance(v, str), "a sha256 string"),
+                              ("files", lambda v: isinstance(v, dict) and isinstance(v.get(TENSORS), str),
+                               f"an object holding the sha256 of {TENSORS}"),
+                              ("targets", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                               "a list of module names"),
+                              ("facts", lambda v: isinstance(v, list), "a list")):
+            if not ok(m[key]):
+                raise InputError(path, f"field '{key}' must be {want}, got {m[key]!r:.80}", fix=readd)
         return m
 
     def load(self, entry_id: str) -> Entry:
         m = self.manifest(entry_id)
         path = self.root / entry_id / TENSORS
-        want = m["files"].get(TENSORS) if isinstance(m["files"], dict) else None
+        readd = "re-add the delta (lmforge forge add)"
+        want = m["files"][TENSORS]
         if not path.is_file():
             raise InputError(path, "missing", fix="re-add the delta")
         if (got := sha256_file(path)) != want:
             raise InputError(path, f"SHA-256 {got[:16]}... does not match the manifest's {str(want)[:16]}...: "
-                             "the file is damaged or was replaced", fix="re-add the delta (lmforge forge add)")
+                             "the file is damaged or was replaced", fix=readd)
         if m["base_sha256"] != self.base_sha256:
             raise InputError(self.root / entry_id / MANIFEST, f"delta was forged on base {m['base_sha256'][:16]}..., "
                              f"this base is {self.base_sha256[:16]}...", fix="forge it again on this base")
@@ -132,8 +139,21 @@ class Registry:
             t = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise InputError(path, f"not a readable safetensors file ({e})", fix="re-add the delta") from None
+        for name in ("router.keys", "router.lengths"):
+            if name not in t:
+                raise InputError(path, f"tensor '{name}' is missing", fix=readd)
+        if odd := sorted(k for k, v in t.items() if not v.is_floating_point() and k != "router.lengths"):
+            raise InputError(path, f"tensor {odd[0]} has dtype {t[odd[0]].dtype}, expected a floating-point dtype",
+                             fix=readd)
         key = Key(t.pop("router.keys"), t.pop("router.lengths"))
-        return Entry(m, Delta.from_tensors(t, int(m["rank"]), float(m["alpha"])), key)
+        if sorted({k.rsplit(".", 1)[0] for k in t}) != sorted(m["targets"]):
+            raise InputError(path, f"tensors are for modules {sorted({k.rsplit('.', 1)[0] for k in t})}, the "
+                             f"manifest's targets are {sorted(m['targets'])}", fix=readd)
+        try:
+            delta = Delta.from_tensors(t, m["rank"], float(m["alpha"]))
+        except ValueError as e:  # a factor missing, or of the wrong shape for the manifest's rank
+            raise InputError(path, f"{e}", fix=readd) from None
+        return Entry(m, delta, key)
 
     def entries(self) -> list[Entry]:
         return [self.load(i) for i in self.ids()]

@@ -23,7 +23,6 @@ Outputs: `registry/` (the deltas), `adapters/<id>/` (PEFT LoRA adapters) and the
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ from ..context import RunContext
 from ..errors import ConfigError
 from ..forgetting import retention
 from ..forgetting.domains import source_splits
+from ..inputs import read_json_object
 from ..runtime import code_version, commit_time
 from ..tokenizer import load_encoder
 from ..tokens import read_index, split_files
@@ -123,7 +123,8 @@ def _run(cfg: ForgeConfig, inputs: Mapping[str, str | Path], out: Path, ctx: Run
     model_dir = Path(inputs["rl/model"])
     model, meta = load_model(model_dir, device=dist.device)
     enc = load_encoder(tokenizer_path(model_dir))
-    gate_rec = json.loads(Path(inputs["forgetting/metrics.json"]).read_text()).get("gate", {})
+    gate_rec = read_json_object(Path(inputs["forgetting/metrics.json"]),
+                                fix="re-run the forgetting stage (dvc repro forgetting)").get("gate", {})
     real = facts.load(cfg.facts.real)
     invented = facts.invented(cfg.facts.invented, cfg.facts.seed, avoid=[f.subject for f in real])
     split = facts.unrelated(real, texts(Path(inputs["mix/val"]).parent), cfg.facts.unrelated, cfg.facts.seed)

@@ -85,7 +85,8 @@ def read_pairs(path: str | Path) -> list[Pair]:
                              fix='write {"messages": [{"role": "user", "content": ...}], "chosen": ..., "rejected": ...}')
         prompt = check(rec["messages"], where, need_assistant=False)
         if prompt[-1][0] != "user":
-            raise InputError(path, "the prompt must end with a user turn (the replies answer it)", line=line)
+            raise InputError(path, "the prompt must end with a user turn (the replies answer it)", line=line,
+                             fix="end 'messages' with the user turn; put the replies in 'chosen' and 'rejected'")
         chosen, rejected = (text_of(rec, k, path, line) for k in ("chosen", "rejected"))
         out.append(check_pair(Pair(where, prompt, chosen, rejected)))
     if not out:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from ..atomic import atomic_path, write_text
 from ..digest import sha256_path
 from ..errors import InputError
+from ..inputs import read_json_object
 from ..weights import load_state
 from .shard import full, like
 
@@ -127,40 +129,43 @@ def save(root: str | Path, step: int, model: torch.nn.Module, opts: list[torch.o
     return root / name
 
 
+_NAME = re.compile(r"step-\d{8,}")  # save() writes step-{step:08d}
+
+
 def latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under `root`, or None if there is none."""
     path = Path(root) / LATEST
     if not path.exists():
         return None
-    try:
-        name = json.loads(path.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(path, "unreadable checkpoint pointer",
-                         fix=f"delete {Path(root)} to start the stage from scratch") from None
+    fix = f"delete {Path(root)} to start the stage from scratch"
+    pointer = read_json_object(path, fix=fix)
+    name = pointer.get("checkpoint")
+    # only a step directory of this root: a pointer is never a path that leads elsewhere
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InputError(path, f"key 'checkpoint' must name a step-NNNNNNNN directory, got {name!r}", fix=fix)
     ckpt = Path(root) / name
     if not ckpt.is_dir():
-        raise InputError(ckpt, "the checkpoint latest.json names is missing",
-                         fix=f"delete {Path(root)} to start the stage from scratch")
+        raise InputError(ckpt, "the checkpoint latest.json names is missing", fix=fix)
     return ckpt
 
 
 def verify(ckpt: Path) -> None:
     fix = f"delete {ckpt.parent} to start the stage from scratch (the damaged checkpoint is not used)"
-    try:
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(ckpt / "manifest.json", f"unreadable ({e})", fix=fix) from None
+    manifest = read_json_object(ckpt / "manifest.json", fix=fix)
     for f in FILES:
+        if not isinstance(manifest.get(f), str):
+            raise InputError(ckpt / "manifest.json", f"key {f!r} must be the file's sha256, got "
+                             f"{manifest.get(f)!r}", fix=fix)
         if not (ckpt / f).is_file():
             raise InputError(ckpt / f, "missing from the checkpoint", fix=fix)
-        if sha256_path(ckpt / f) != manifest.get(f):
+        if sha256_path(ckpt / f) != manifest[f]:
             raise InputError(ckpt / f, "sha256 does not match manifest.json: the checkpoint is corrupt", fix=fix)
 
 
 def load(ckpt: Path, model: torch.nn.Module, opts: list[torch.optim.Optimizer]) -> dict[str, Any]:
     """Restore model, optimizers and RNG states from `ckpt` (verified first); return state.json."""
     verify(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_json_object(ckpt / "state.json", fix=f"delete {ckpt.parent} to start the stage from scratch")
     weights = load_state(ckpt / "model.safetensors")
     own = model.state_dict()
     for k, v in own.items():  # tied weights were stored under their first name

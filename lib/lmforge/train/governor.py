@@ -359,7 +359,10 @@ class Governor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["states"]) != set(self.states):
             raise ValueError(f"governor state has groups {sorted(state['states'])}, not {sorted(self.states)}")
-        self.states = {k: GroupState(**v) for k, v in state["states"].items()}
+        # In the groups' order, as __post_init__ made it, not the checkpoint's (its JSON sorts keys):
+        # sums over the states (budget_sums, the reported max_sum) then add up in the same order as
+        # in an uninterrupted run, to the same last bit.
+        self.states = {g.name: GroupState(**state["states"][g.name]) for g in self.groups}
         self.events, self.budget_sums, self.evals = list(state["events"]), list(state["budget_sums"]), list(state["evals"])
         self.eval_due, self.best_val = bool(state["eval_due"]), state["best_val"]
         self.work_done, self.work_all = float(state["work_done"]), float(state["work_all"])
