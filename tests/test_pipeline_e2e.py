@@ -334,7 +334,7 @@ def test_audit_chain_records_every_stage(repo: Path) -> None:
         assert set(r["outputs"]) == {o["path"] for o in lock["stages"][r["stage"]]["outs"]}
 
 
-def test_mlflow_parent_and_children(repo: Path) -> None:
+def test_mlflow_parent_and_children(repo: Path, tmp_path: Path) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -353,6 +353,11 @@ def test_mlflow_parent_and_children(repo: Path) -> None:
     assert {"plots/acc_bwt.png", "plots/retention.png", "plots/heatmap_replay.png"} <= figures
     head = (repo / "audit/head.json").read_text()
     assert parents[0].data.tags["audit.head_hash"] == json.loads(head)["hash"]
+    # the report is on the pipeline's own run, byte for byte
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"report.html", "report.md"} <= logged
+    local = Path(client.download_artifacts(parents[0].info.run_id, "report.html", str(tmp_path)))
+    assert local.read_bytes() == (repo / "data/report/report.html").read_bytes()
 
 
 def test_clean_rerun_through_the_prefect_flow_is_byte_identical(repo: Path, tmp_path: Path) -> None:
