@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lmforge import audit, cli
 from lmforge.audit import ZERO_HASH, AuditLog, Head, build_stage_record, utc_now
 from lmforge.digest import canonical_json, sha256_json
 from lmforge.errors import AuditError
+from lmforge.inputs import MAX_AUDIT_LINE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {
@@ -72,6 +74,7 @@ def assert_broken(log: AuditLog, seq: int | None, phrase: str, **anchor: Any) ->
     assert report.first_bad_seq == seq, report.problem
     assert report.line == (None if seq is None else seq + 1)
     assert phrase in report.problem, report.problem
+    assert "(fix: " in report.problem, report.problem  # every problem says what to do
     return report
 
 
@@ -244,6 +247,69 @@ def test_a_torn_last_line_not_from_a_crash_is_caught_and_not_repaired(log: Audit
     with pytest.raises(AuditError, match="not announced"):
         log.recover()
     assert log.path.read_bytes() == before
+
+
+# ---- the line limit ----------------------------------------------------------------------
+LIMIT = "longer than the 1 MiB limit for one audit record"
+
+
+def test_the_limit_is_far_above_real_records_and_exact(log: AuditLog) -> None:
+    """A stage record with 2,000 outputs is a few hundred KiB; a line of exactly the limit is
+    written, verified, listed and read back as the tail, and one byte more is refused unwritten."""
+    many = {f"data/forge/adapters/delta-{i:04d}": sha256_json(i) for i in range(2000)}
+    body = stage_body(6)
+    body["outputs"] = many
+    log.append(body)
+    assert len(lines(log)[-1]) < MAX_AUDIT_LINE_BYTES // 3
+    log.append({"kind": "note", "blob": ""})
+    pad = MAX_AUDIT_LINE_BYTES - len(lines(log)[-1])
+    log.append({"kind": "note", "blob": "x" * pad})  # seq 8, as many digits as seq 7
+    assert len(lines(log)[-1]) == MAX_AUDIT_LINE_BYTES
+    assert log.verify().ok and len(list(log.records())) == 9
+    assert log.append(stage_body(9))["seq"] == 9  # the tail read takes a line of the limit
+    before, head = log.path.read_bytes(), log.head_path.read_bytes()
+    # one byte more blob, one more digit of seq (10): two bytes over
+    with pytest.raises(AuditError, match=r"record 10 would be a line of 1,048,578 bytes, over the 1 MiB limit "
+                                         r"for one audit record \(fix: put digests"):
+        log.append({"kind": "note", "blob": "x" * (pad + 1)})
+    assert log.path.read_bytes() == before and log.head_path.read_bytes() == head  # not even announced
+
+
+def _huge_tail(log: AuditLog, size: int, newline: bool) -> None:
+    """A last "line" of `size` zero bytes that takes no disk (a binary file appended to the log)."""
+    with log.path.open("r+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        fh.truncate(end + size)
+        if newline:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
+
+
+@pytest.mark.parametrize("newline", [True, False])
+def test_a_huge_line_is_reported_without_being_read_whole(log: AuditLog, newline: bool) -> None:
+    _huge_tail(log, 256 << 20, newline)  # 256 MiB
+    tracemalloc.start()
+    try:
+        report = assert_broken(log, 6, f"the line is {LIMIT}, so lmforge did not write it (fix: restore the log")
+        with pytest.raises(AuditError, match=f"{log.path}:7: the line is {LIMIT}.*audit verify --log"):
+            list(log.records())
+        with pytest.raises(AuditError, match=f"{log.path}: last record: the line is {LIMIT}.*refusing to append"):
+            log.append(stage_body(6))
+        with pytest.raises(AuditError, match="refusing to append"):
+            log.recover()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.count == 6
+    assert peak < 8 * MAX_AUDIT_LINE_BYTES, peak  # a few MiB at most, never the 256 MiB line
+
+
+def test_a_huge_first_line_is_refused_by_chain_id(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "log.jsonl")
+    log.path.touch()
+    _huge_tail(log, MAX_AUDIT_LINE_BYTES, newline=True)  # with its newline, one byte over
+    with pytest.raises(AuditError, match=f"{log.path}:1: genesis record unreadable: the line is {LIMIT}"):
+        log.chain_id()
 
 
 # ---- crashes -----------------------------------------------------------------------------

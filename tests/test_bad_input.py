@@ -702,7 +702,6 @@ def test_delta_files(case: Case, tmp_path: Path) -> None:
 
 
 # --- the audit log: audit/log.jsonl + audit/head.json, read by `lmforge audit verify` ------------------
-# audit.py is the signing work's file: these rows assert what `lmforge audit verify` prints today.
 
 def _audit(tmp: Path) -> AuditLog:
     log = AuditLog(tmp / "audit" / "log.jsonl")
@@ -726,10 +725,20 @@ def audit_empty(log: AuditLog) -> tuple[str, ...]:
 def audit_non_utf8(log: AuditLog) -> tuple[str, ...]:
     with log.path.open("ab") as fh:
         fh.write(b'{"kind": "caf\xe9"}\n')
-    return (f"audit chain BROKEN at record 3 (line 4 of {log.path}): the line is not valid UTF-8",)
+    return (f"audit chain BROKEN at record 3 (line 4 of {log.path}): the line is not valid UTF-8",
+            "(fix: restore the log and head from a backup")
 
 
-AUDIT = {"audit-wrong-type": audit_wrong_type, "audit-empty": audit_empty, "audit-non-utf8": audit_non_utf8}
+def audit_huge(log: AuditLog) -> tuple[str, ...]:
+    with log.path.open("r+b") as fh:  # a binary file appended: one "line" of 64 MiB, no disk taken
+        fh.truncate(fh.seek(0, 2) + 64 * inputs.MiB)
+    return (f"audit chain BROKEN at record 3 (line 4 of {log.path}): the line is longer than the "
+            f"{inputs.size_text(inputs.MAX_AUDIT_LINE_BYTES)} limit for one audit record, so lmforge did not write it",
+            "(fix: restore the log and head from a backup")
+
+
+AUDIT = {"audit-wrong-type": audit_wrong_type, "audit-empty": audit_empty, "audit-non-utf8": audit_non_utf8,
+         "audit-huge": audit_huge}
 for _rid in AUDIT:
     ROWS[_rid] = "test_audit_log"
 
@@ -743,6 +752,7 @@ def test_audit_log(case: Callable[[AuditLog], tuple[str, ...]], tmp_path: Path,
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, f"{needle!r} not in {err!r}"
+    assert "(fix: " in err, f"no fix in {err!r}"
 
 
 # --- the table and the tests agree -----------------------------------------------------------------
@@ -751,7 +761,7 @@ _CELL = re.compile(r"(?<!\\)\|")
 _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\w-]+)\])?`$")
 
 
-OPEN = {"facts-wrong-hash", "audit-huge"}  # known gaps the table explains; fixing one means updating both
+OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
 INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer", "delta",

@@ -20,7 +20,9 @@ Records. Line L (1-based) holds the record with `seq` L-1. Record 0 is the genes
 (`kind: "genesis"`, a random `chain_id`, `prev_hash` of 64 zeros). Every record carries `seq`,
 `kind`, `prev_hash` (the previous record's `hash`), `ts` (ISO-8601 UTC append time), its body,
 and `hash` = SHA-256 of the canonical JSON of the record without `hash`. A line must equal the
-canonical JSON of its record, so even a whitespace or key-order change is caught.
+canonical JSON of its record, so even a whitespace or key-order change is caught. A line is at
+most `lmforge.inputs.MAX_AUDIT_LINE_BYTES` (1 MiB, with its newline): `append` refuses a bigger
+record, and every reader stops at the limit instead of holding a longer line in memory.
 
 Head anchor. `head.json` holds `{"count", "hash"}` of the last committed record, so cutting
 records off the end (which leaves a self-consistent shorter chain) is caught; callers should
@@ -60,6 +62,7 @@ from filelock import FileLock, Timeout
 from .atomic import write_text
 from .digest import canonical_json, sha256_json
 from .errors import AuditError
+from .inputs import MAX_AUDIT_LINE_BYTES, size_text
 
 if TYPE_CHECKING:  # cryptography is imported only where a chain is signed or its signature checked
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -96,13 +99,29 @@ def _parse_line(line: bytes) -> dict[str, Any]:
         raise _Bad("the line is not a JSON object")
     if (canonical_json(rec) + "\n").encode("utf-8") != line:
         raise _Bad("the line is not in canonical form (a byte was changed: spacing, key order or escaping)")
-    for name, kind in (("seq", int), ("kind", str), ("prev_hash", str), ("hash", str), ("ts", str)):
+    for name, kind, want in (("seq", int, "an integer"), ("kind", str, "a string"), ("prev_hash", str, "a string"),
+                             ("hash", str, "a string"), ("ts", str, "a string")):
         if type(rec.get(name)) is not kind:
-            raise _Bad(f"chain field {name!r} is missing or not a {kind.__name__}")
+            raise _Bad(f"chain field {name!r} is missing or not {want}")
     body = {k: v for k, v in rec.items() if k != "hash"}
     if sha256_json(body) != rec["hash"]:
-        raise _Bad("the stored hash does not match the record's content (the record was edited)")
+        raise _Bad("the stored hash does not match the record's content: the record was edited")
     return rec
+
+
+_TOO_LONG = (
+    f"the line is longer than the {size_text(MAX_AUDIT_LINE_BYTES)} limit for one audit record, "
+    "so lmforge did not write it"
+)
+
+
+def _lines(fh: BinaryIO) -> Iterator[bytes]:
+    """The log's lines in order, each with its newline (the last may lack it); a line over
+    MAX_AUDIT_LINE_BYTES raises _Bad after reading only the limit's worth of it."""
+    while line := fh.readline(MAX_AUDIT_LINE_BYTES + 1):
+        if len(line) > MAX_AUDIT_LINE_BYTES:
+            raise _Bad(_TOO_LONG)
+        yield line
 
 
 @dataclass(frozen=True)
@@ -179,12 +198,14 @@ class AuditLog:
         """The genesis record's chain id (what external anchors are filed under); None if no log."""
         if not self.path.exists():
             return None
-        with open(self.path, "rb") as fh:
-            first = fh.readline()
         try:
+            with open(self.path, "rb") as fh:
+                first = next(_lines(fh), b"")
             return _parse_line(first).get("chain_id") if first else None
         except _Bad as e:
-            raise AuditError(f"{self.path}: genesis record unreadable: {e}") from None
+            raise AuditError(
+                f"{self.path}:1: genesis record unreadable: {e} (fix: run `lmforge audit verify --log {self.path}`)"
+            ) from None
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Yield every record in order; a line that does not parse raises AuditError naming it."""
@@ -193,13 +214,20 @@ class AuditLog:
                 f"{self.path}: no audit log here (fix: check --log; the first audited stage creates it)"
             )
         with open(self.path, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
+            lines = _lines(fh)
+            lineno = 0
+            while True:
+                lineno += 1
                 try:
-                    yield _parse_line(line)
+                    line = next(lines, None)
+                    if line is None:
+                        return
+                    rec = _parse_line(line)
                 except _Bad as e:
                     raise AuditError(
                         f"{self.path}:{lineno}: {e} (fix: run `lmforge audit verify --log {self.path}`)"
                     ) from None
+                yield rec
 
     def verify(
         self,
@@ -329,7 +357,10 @@ class AuditLog:
         Only the exact state a crash mid-write leaves is repaired: the complete lines end at
         the committed head and the head announces the very next record. Anything else raises.
         """
-        start, last = _last_line(fh)
+        try:
+            start, last = _last_line(fh)
+        except _Bad as e:
+            raise self._refuse(e) from None
         if not last or last.endswith(b"\n"):
             return None
         try:
@@ -346,21 +377,19 @@ class AuditLog:
         return f"dropped the torn, uncommitted record {head.count} ({len(last)} bytes)"
 
     def _tail(self, fh: BinaryIO) -> dict[str, Any] | None:
-        _, line = _last_line(fh)
-        if not line:
-            return None
         try:
-            return _parse_line(line)
+            _, line = _last_line(fh)
+            return _parse_line(line) if line else None
         except _Bad as e:
-            fix = (
-                "run `lmforge audit recover` if a crash interrupted an append, then "
-                if "interrupted" in str(e)
-                else ""
-            )
-            raise AuditError(
-                f"{self.path}: last record: {e}; refusing to append (fix: {fix}run "
-                f"`lmforge audit verify --log {self.path}`)"
-            ) from None
+            raise self._refuse(e) from None
+
+    def _refuse(self, e: _Bad) -> AuditError:
+        """The error that refuses an append because the last line is bad."""
+        fix = "run `lmforge audit recover` if a crash interrupted an append, then " if "interrupted" in str(e) else ""
+        return AuditError(
+            f"{self.path}: last record: {e}; refusing to append (fix: {fix}run "
+            f"`lmforge audit verify --log {self.path}`)"
+        )
 
     def _reconcile(self, head: Head | None, tail: dict[str, Any] | None) -> Head:
         """Check the tail against the head; commit an announced record a crash left uncommitted."""
@@ -395,6 +424,12 @@ class AuditLog:
 
     def _commit(self, fh: BinaryIO, head: Head, record: dict[str, Any]) -> Head:
         line = (canonical_json(record) + "\n").encode("utf-8")
+        if len(line) > MAX_AUDIT_LINE_BYTES:  # before the announcement: nothing is written
+            raise AuditError(
+                f"{self.path}: record {record['seq']} would be a line of {size_text(len(line))}, over the "
+                f"{size_text(MAX_AUDIT_LINE_BYTES)} limit for one audit record (fix: put digests and short "
+                "values in the record, not file contents; store large data as a file and record its sha256)"
+            )
         self._write_head(Head(head.count, head.hash, (record["seq"], record["hash"])))
         size = fh.seek(0, os.SEEK_END)
         try:
@@ -440,7 +475,8 @@ def _matches(head: Head, tail: dict[str, Any] | None) -> bool:
 
 
 def _last_line(fh: BinaryIO, end: int | None = None) -> tuple[int, bytes]:
-    """(offset, bytes) of the last line ending at `end` (default EOF), read backwards in blocks."""
+    """(offset, bytes) of the last line ending at `end` (default EOF), read backwards in blocks;
+    a line over MAX_AUDIT_LINE_BYTES raises _Bad once that much of it has been read."""
     end = fh.seek(0, os.SEEK_END) if end is None else end
     pos, buf = end, b""
     while pos > 0:
@@ -450,6 +486,8 @@ def _last_line(fh: BinaryIO, end: int | None = None) -> tuple[int, bytes]:
         buf = fh.read(step) + buf
         # The last byte is the line's own newline; the one before it starts the line.
         cut = buf.rfind(b"\n", 0, len(buf) - 1)
+        if len(buf) - (cut + 1) > MAX_AUDIT_LINE_BYTES:
+            raise _Bad(_TOO_LONG)
         if cut >= 0:
             return pos + cut + 1, buf[cut + 1 :]
     return 0, buf
@@ -514,9 +552,18 @@ class _Verifier:
 
     def run(self, expect_hash: str | None, expect_count: int | None) -> VerifyReport:
         with open(self.log.path, "rb") as fh:
-            for seq, line in enumerate(fh):
+            lines = _lines(fh)
+            seq = 0
+            while True:
+                try:
+                    line = next(lines, None)
+                except _Bad as e:
+                    return self.fail(seq, f"{e} (fix: {_RESTORE})")
+                if line is None:
+                    break
                 if (problem := self.check(seq, line)) is not None:
                     return self.fail(seq, problem)
+                seq += 1
         if not self.hashes:
             return self.fail(None, f"{self.log.path} is empty: not even a genesis record (fix: {_RESTORE})")
         return (
@@ -526,25 +573,32 @@ class _Verifier:
         )
 
     def check(self, seq: int, line: bytes) -> str | None:
+        """The problem with line `seq` + 1 and its fix, or None if the record is sound and linked."""
         try:
             rec = _parse_line(line)
         except _Bad as e:
-            return str(e)
+            if not line.endswith(b"\n"):  # a torn last line: a crash mid-append, or damage
+                return (
+                    f"{e} (fix: run `lmforge audit recover`, which drops it only if {self.log.head_path} "
+                    f"announced the append; if it refuses, {_RESTORE})"
+                )
+            return f"{e} (fix: {_RESTORE})"
         prev = self.hashes[-1] if self.hashes else ZERO_HASH
         if rec["seq"] != seq:
             return (
-                f"seq is {rec['seq']} where {seq} was expected: a record was deleted, inserted or reordered"
+                f"seq is {rec['seq']} where {seq} was expected: a record was deleted, inserted or reordered "
+                f"(fix: {_RESTORE})"
             )
         if (rec["kind"] == "genesis") != (seq == 0):
             return (
                 "record 0 must be the genesis and no other record may be"
                 if seq
                 else "record 0 is not a genesis"
-            )
+            ) + f" (fix: {_RESTORE})"
         if rec["prev_hash"] != prev:
             return (
                 f"prev_hash {rec['prev_hash'][:12]} does not match record {seq - 1}'s hash {prev[:12]}: "
-                "an earlier record was changed, removed or re-hashed"
+                f"an earlier record was changed, removed or re-hashed (fix: {_RESTORE})"
             )
         self.hashes.append(rec["hash"])
         self.last = rec

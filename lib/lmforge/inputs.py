@@ -34,6 +34,11 @@ MAX_JSON_BYTES = 16 * MiB
 MAX_YAML_BYTES = 4 * MiB
 # tokenizer.json: ~100 KiB at lmforge's 2k vocabulary, tens of MiB for 128k-256k vocabularies.
 MAX_TOKENIZER_BYTES = 256 * MiB
+# One line (one record) of the audit log, audit/log.jsonl. A record holds digests and short
+# values, never file contents: the largest a tiny-profile run writes are ~3 KiB (a stage with its
+# inputs, outputs and decisions), so 1 MiB leaves room for thousands of outputs. lmforge refuses
+# to append a record over it, so a longer line was not written by lmforge.
+MAX_AUDIT_LINE_BYTES = 1 * MiB
 
 
 def size_text(n: int) -> str:
