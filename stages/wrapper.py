@@ -275,7 +275,7 @@ def execute(name: str, config_cls: type[StageConfig], run: RunFn, root: Path) ->
     all_params = dag.params(root)
     pipe = dag.pipeline_config(root)
     if name not in all_params:
-        raise LmforgeError(f"{dag.PARAMS_FILE}: section '{name}' is missing (add a '{name}:' block)")
+        raise ConfigError(f"{dag.PARAMS_FILE}: section '{name}' is missing (fix: add a '{name}:' block)")
     cfg = build(config_cls, all_params[name], f"{dag.PARAMS_FILE}: {name}")
     # 2. inputs
     _check_declared(root, spec, cfg)

@@ -102,6 +102,21 @@ def test_unknown_params_key_fails_before_any_work(repo: Path) -> None:
     assert _snapshot(repo) == before
 
 
+def test_a_missing_params_section_names_the_fix_before_any_work(repo: Path) -> None:
+    before = _snapshot(repo)
+    params_before = (repo / "params.yaml").read_text()
+    try:
+        params = yaml.safe_load(params_before)
+        del params["mix"]
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = run(repo, "python", "-m", "stages.mix", check=False)
+    finally:
+        (repo / "params.yaml").write_text(params_before)
+    assert proc.returncode == 2
+    assert "lmforge mix: error: params.yaml: section 'mix' is missing (fix: add a 'mix:' block)" in proc.stderr
+    assert _snapshot(repo) == before
+
+
 def test_a_source_outside_the_declared_deps_is_refused(repo: Path) -> None:
     before = _snapshot(repo)
     params_before = (repo / "params.yaml").read_text()
