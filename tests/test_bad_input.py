@@ -42,7 +42,7 @@ from lmforge.tokenizer import load_encoder
 from lmforge.train import checkpoint
 from lmforge.weights import load_model, save_model
 from tests.data.test_sources import src
-from tests.forge.helpers import random_delta, tiny
+from tests.forge.helpers import REAL, random_delta, tiny
 from tests.forge.test_registry import KEY, _fields
 from tests.test_audit import stage_body
 from tests.test_rl import GOOD_PAIR
@@ -363,9 +363,65 @@ def facts_templates_wrong_type(tmp: Path) -> Bad:
                                   '(fix: write "templates": ["... {s} ..."])'))
 
 
+def _shipped_facts(tmp: Path) -> Path:
+    """A copy of data/sources/facts.jsonl.gz with the facts.json that gives its digest."""
+    for name in (REAL.name, facts.MANIFEST):
+        shutil.copy(REAL.parent / name, tmp / name)
+    return tmp / REAL.name
+
+
+def facts_wrong_hash(tmp: Path) -> Bad:
+    f = _shipped_facts(tmp)
+    text = gzip.decompress(f.read_bytes()) + b'{"subject": "Yon", "relation": "capital", "object": "Ur"}\n'
+    f.write_bytes(gzip.compress(text, mtime=0))  # a fact added behind facts.json's back
+    return Bad(lambda: facts.load(f), InputError,
+               (f"{f}: SHA-256 ", f"does not match {tmp / 'facts.json'}'s", "the file was changed or damaged after "
+                "facts.json was written", "(fix: restore the file (git checkout / dvc checkout), or rebuild the facts"))
+
+
 @rows({"facts-huge": facts_huge, "facts-non-utf8": facts_non_utf8,
-       "facts-templates-wrong-type": facts_templates_wrong_type})
+       "facts-templates-wrong-type": facts_templates_wrong_type, "facts-wrong-hash": facts_wrong_hash})
 def test_facts(case: Case, tmp_path: Path) -> None:
+    expect(case(tmp_path))
+
+
+# --- data/sources/facts.json: the facts file's digest, checked by forge, quoted by the card ----------
+
+def _facts_manifest_case(write: Callable[[Path], None], problem: str) -> Case:
+    """`problem` follows the file name in the message: ":<line>: ..." or ": ..." (then a key)."""
+    def case(tmp: Path) -> Bad:
+        f = _shipped_facts(tmp)
+        write(tmp / "facts.json")
+        return Bad(lambda: facts.load(f), InputError,
+                   (f"{tmp / 'facts.json'}{problem}", "(fix: rebuild the facts and their manifest"))
+    return case
+
+
+def _edit_facts_manifest(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        m = json.loads(path.read_text())
+        edit(m)
+        path.write_text(json.dumps(m))
+    return write
+
+
+FACTS_MANIFEST = {
+    "factsjson-malformed": _facts_manifest_case(lambda p: p.write_text('{"file": "facts.jsonl.gz",\n "sha256": }'),
+                                                ":2: invalid JSON: Expecting value at column 12"),
+    "factsjson-wrong-type": _facts_manifest_case(_edit_facts_manifest(lambda m: m.update(sha256=12)),
+                                                 ": key 'sha256' must be 64 lowercase hex digits, got 12"),
+    "factsjson-missing-field": _facts_manifest_case(_edit_facts_manifest(lambda m: m.pop("sha256")),
+                                                    ": key 'sha256' is missing"),
+    "factsjson-empty": _facts_manifest_case(lambda p: p.write_bytes(b""), ": is empty"),
+    "factsjson-huge": _facts_manifest_case(lambda p: sparse(p, inputs.MAX_JSON_BYTES + 1),
+                                           f": is {inputs.MAX_JSON_BYTES + 1:,} bytes, {JSON_LIMIT}"),
+    "factsjson-non-utf8": _facts_manifest_case(lambda p: p.write_bytes(b'{\n"built_by": "caf\xe9"}'),
+                                               ":2: not UTF-8 (invalid continuation byte at byte 18)"),
+}
+
+
+@rows(FACTS_MANIFEST)
+def test_facts_manifest(case: Case, tmp_path: Path) -> None:
     expect(case(tmp_path))
 
 
@@ -761,11 +817,11 @@ _CELL = re.compile(r"(?<!\\)\|")
 _REF = re.compile(r"^`(?P<file>tests/[\w/]+\.py)::(?P<test>\w+)(?:\[(?P<param>[\w-]+)\])?`$")
 
 
-OPEN = {"facts-wrong-hash"}  # known gaps the table explains; fixing one means updating both
+OPEN: set[str] = set()  # known gaps the table explains (none today); fixing one means updating both
 # Every input the pipeline reads, by row-id prefix, and the failures each must be tried with: a row
 # `<input>-<kind>` for each (its cell may be N/A, with the reason, where a kind cannot apply).
-INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "checkpoint", "weights", "tokenizer", "delta",
-          "audit")
+INPUTS = ("corpus", "manifest", "params", "chats", "pairs", "facts", "factsjson", "checkpoint", "weights", "tokenizer",
+          "delta", "audit")
 KINDS = ("malformed", "wrong-type", "missing-field", "empty", "huge", "non-utf8", "wrong-hash")
 
 

@@ -25,6 +25,7 @@ def test_invented_facts_are_reproducible_unique_and_avoid_real_subjects() -> Non
 
 
 def test_real_facts_file_loads_countries_and_wordnet() -> None:
+    assert facts.listed_sha256(REAL) is not None  # the shipped file is checked against facts.json
     real = facts.load(REAL)
     rels = {f.relation for f in real}
     assert {"capital", "region", "is_a"} <= rels
@@ -53,6 +54,44 @@ def test_bad_fact_records_name_the_line_and_the_fix(tmp_path: Path, rec: object,
     path = _write(tmp_path, {"subject": "Yon", "relation": "capital", "object": "Ur"}, rec)
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
         facts.load(path)
+
+
+def _shipped(tmp: Path) -> Path:
+    """A copy of data/sources/facts.jsonl.gz with its facts.json."""
+    for name in (REAL.name, facts.MANIFEST):
+        (tmp / name).write_bytes((REAL.parent / name).read_bytes())
+    return tmp / REAL.name
+
+
+def test_a_facts_file_is_checked_against_the_facts_json_beside_it(tmp_path: Path) -> None:
+    real = _shipped(tmp_path)
+    assert len(facts.load(real)) == json.loads((tmp_path / facts.MANIFEST).read_text())["records"]
+    mine = tmp_path / "mine.jsonl"  # a user's own file beside it: facts.json does not list it
+    mine.write_text('{"subject": "Yon", "relation": "capital", "object": "Ur"}\n')
+    assert [f.object for f in facts.load(mine)] == ["Ur"]
+    data = real.read_bytes()
+    real.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(InputError, match=rf"{real}: SHA-256 [0-9a-f]{{16}}\.\.\. does not match "
+                                         rf"{tmp_path / 'facts.json'}'s [0-9a-f]{{16}}\.\.\.: .*\(fix: restore"):
+        facts.load(real)
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.pop("sha256"), "key 'sha256' is missing"),
+        (lambda m: m.update(sha256="ABC"), "key 'sha256' must be 64 lowercase hex digits, got 'ABC'"),
+        (lambda m: m.update(file=3), "key 'file' must be a file name, got int"),
+    ],
+)
+def test_a_damaged_facts_json_names_itself_and_the_fix(tmp_path: Path, edit, problem: str) -> None:
+    real = _shipped(tmp_path)
+    m = json.loads((tmp_path / facts.MANIFEST).read_text())
+    edit(m)
+    (tmp_path / facts.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(InputError) as e:
+        facts.load(real)
+    assert str(e.value).startswith(f"{tmp_path / facts.MANIFEST}: {problem} (fix: rebuild the facts")
 
 
 def test_custom_relation_with_templates_and_empty_file(tmp_path: Path) -> None:

@@ -10,6 +10,11 @@ wording it was taught with). A template holds `{s}` for the subject; the object 
 after one space. A user's record may bring its own `templates` and `paraphrases`, so any
 relation can be forged.
 
+A facts file with a `facts.json` beside it that names it (`"file"`; data/sources/facts.json,
+written by scripts/build_facts.py) must have the SHA-256 given there (`"sha256"`), as a mix
+source must match data/sources/manifest.json: a file changed behind its manifest's back is
+refused before any fact is used, not forged from and misreported.
+
 Made-up facts are people with invented names (syllables drawn from a seed, checked not to be
 real facts' subjects) and an occupation, birthplace, instrument, language or colour drawn from
 short lists of common words, so the test is the association, not spelling a new word.
@@ -18,12 +23,19 @@ short lists of common words, so the test is the association, not spelling a new 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.jsonl import records, valid_unicode
+from ..digest import sha256_file
 from ..errors import InputError
+from ..inputs import read_json_object
+
+MANIFEST = "facts.json"  # beside the facts file it describes
+_MANIFEST_FIX = "rebuild the facts and their manifest (python scripts/build_facts.py), or restore facts.json (git checkout)"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -173,11 +185,43 @@ def _templates(rec: dict[str, object], key: str, path: Path, line: int) -> list[
     return v
 
 
+def listed_sha256(path: Path) -> str | None:
+    """The SHA-256 that the facts.json beside `path` gives it, or None when there is no
+    facts.json or it describes another file. A malformed facts.json is an InputError either way."""
+    manifest = path.parent / MANIFEST
+    if not manifest.is_file():
+        return None
+    m = read_json_object(manifest, fix=_MANIFEST_FIX)
+    for key in ("file", "sha256"):
+        if key not in m:
+            raise InputError(manifest, f"key '{key}' is missing", fix=_MANIFEST_FIX)
+    if not isinstance(m["file"], str):
+        raise InputError(manifest, f"key 'file' must be a file name, got {type(m['file']).__name__}",
+                         fix=_MANIFEST_FIX)
+    if not isinstance(m["sha256"], str) or not _SHA256.match(m["sha256"]):
+        raise InputError(manifest, f"key 'sha256' must be 64 lowercase hex digits, got {m['sha256']!r}",
+                         fix=_MANIFEST_FIX)
+    return m["sha256"] if m["file"] == path.name else None
+
+
+def check_listed(path: Path) -> None:
+    """Refuse a facts file whose bytes are not those its facts.json gives (no facts.json: no check)."""
+    want = listed_sha256(path)
+    if want is not None and (got := sha256_file(path)) != want:
+        raise InputError(path, f"SHA-256 {got[:16]}... does not match {path.parent / MANIFEST}'s {want[:16]}...: "
+                         f"the file was changed or damaged after {MANIFEST} was written",
+                         fix="restore the file (git checkout / dvc checkout), or rebuild the facts and their "
+                         "manifest (python scripts/build_facts.py)")
+
+
 def load(path: str | Path, *, category: str | None = None) -> list[Fact]:
     """Facts from a jsonl(.gz) file: `subject`, `relation`, `object` (non-empty strings), optional
     `templates` / `paraphrases` (lists of strings with `{s}`; required for a relation lmforge
-    does not know), `category` and `source`."""
+    does not know), `category` and `source`. A file its facts.json lists is checked against
+    the digest there first (`check_listed`)."""
     path = Path(path)
+    if path.is_file():  # a missing file fails in `records`, with its own message
+        check_listed(path)
     out = []
     for n, _, rec in records(path):
         subject = _field(rec, "subject", path, n)

@@ -2,7 +2,11 @@
 routed, consolidated and exported as PEFT adapters, against two baselines on the same facts.
 
     run(cfg, {"rl/model": dir, "tokenizer/tokens": dir, "tokenizer/tokenizer": dir, "mix/val": dir,
-              "sources/facts.jsonl.gz": file, "forgetting/metrics.json": file}, out_dir, ctx=ctx)
+              "sources/facts.jsonl.gz": file, "sources/facts.json": file, "forgetting/metrics.json": file},
+        out_dir, ctx=ctx)
+
+`facts.real` is read with `facts.load`, which first checks it against the sha256 in the
+facts.json beside it (data/sources/facts.json, a dep of the stage in dvc.yaml).
 
 1. `facts.invented` made-up facts (lmforge.forge.facts), in batches of `facts.per_delta`; each
    batch is forged into one delta on the frozen RL model (lmforge.forge.forging), validated
