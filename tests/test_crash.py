@@ -24,8 +24,9 @@ digests and every output's digest equal the pre-campaign ones, and `lmforge audi
 Two sizes:
 - CI (LMFORGE_CRASH_TRIALS unset): one trial per stage, killed within the first LEAN_WINDOW_S
   seconds of its run (the long stages early in theirs), plus two trials inside `dvc repro` on the
-  two quickest stages; a stage whose outputs the kill changed is put back with `dvc repro
-  --single-item` (DVC's run-cache). About 3 minutes on 2 cores on top of the ci DAG.
+  two quickest stages. A killed stage that left a checkpoint is run again to completion (it must
+  resume, to the same bytes); one whose outputs the kill changed is put back with `dvc repro
+  --single-item` (DVC's run-cache). 1-3 minutes on 2 cores on top of the ci DAG.
 - `make crash` (LMFORGE_CRASH_TRIALS=N, at least one per stage): N trials, every stage at least
   once, about a third inside `dvc repro`, kill points uniform over the stage's whole run; every
   killed stage is then run again to completion (a training stage resumes from the checkpoint the
@@ -52,14 +53,16 @@ import pytest
 import yaml
 
 from lmforge.audit import AuditLog
+from lmforge.train.checkpoint import LATEST
 from pipelines.proc import _group_alive
 from stages import dag
+from stages.wrapper import SCRATCH_DIR
 from tests.pipeline_repo import BIN, CARD, TIMED, env_for, lock_outs, output_digest, run
 
 pytestmark = pytest.mark.slow
 TRIALS_ENV = "LMFORGE_CRASH_TRIALS"
 SEED_ENV = "LMFORGE_CRASH_SEED"
-LEAN_WINDOW_S = 8.0  # CI: kill within this many seconds of a stage's own run
+LEAN_WINDOW_S = 15.0  # CI: kill within this many seconds of the earliest start of a stage's own run
 LEAN_DVC_TRIALS = 2
 DVC_SHARE = 3  # the full campaign runs every DVC_SHARE-th trial inside `dvc repro`
 PER_RUN = set(TIMED) | {CARD}  # outputs whose raw bytes differ between complete runs on purpose
@@ -81,7 +84,8 @@ class Trial:
     stage: str
     in_dvc: bool  # killed inside `dvc repro --force --single-item`, else `python -m stages.<stage>`
     at: float  # seconds after the start at which the process group is killed
-    window: float  # the span `at` was drawn from (for the report)
+    lo: float  # the span `at` was drawn from (seconds after the start)
+    hi: float
 
 
 @dataclass(frozen=True)
@@ -107,24 +111,33 @@ def _timings(repo: Path, stages: list[str]) -> dict[str, Timing]:
 
 
 def _plan(stages: list[str], timing: dict[str, Timing], trials: int | None, rng: random.Random) -> list[Trial]:
-    """The campaign: which stage, how it is started, and when it is killed."""
+    """The campaign: which stage, how it is started, and when it is killed.
 
-    def trial(stage: str, in_dvc: bool, cap: float | None) -> Trial:
-        t = timing[stage]
-        if in_dvc:  # DVC's own start-up and its bookkeeping after the command, around the stage
-            window = 2 * t.before + t.own
-            return Trial(stage, True, rng.uniform(0, min(window, cap or window)), window)
-        # the stage process: kill points over its own run, after the start-up it needed before
-        return Trial(stage, False, t.before + rng.uniform(0, min(t.own, cap or t.own)), t.own)
-
+    A stage process's own run starts somewhere between the quickest start-up the reference run
+    saw and the gap before this stage there (which also holds DVC's bookkeeping), so its kill
+    points span both: from the one to the stage's latest end. Inside `dvc repro`, they span DVC's
+    own start-up and its bookkeeping after the command too. Each kill point is uniform over its
+    span, stratified across the trials (one in each n-th of the span, in shuffled order), so even
+    a short campaign kills some stages early and some late (publishing, after a checkpoint)."""
+    quickest = min(t.before for t in timing.values())
     if trials is None:  # CI: lean
         quick = sorted(stages, key=lambda s: 2 * timing[s].before + timing[s].own)[:LEAN_DVC_TRIALS]
-        return [trial(s, False, LEAN_WINDOW_S) for s in stages] + [trial(s, True, None) for s in quick]
-    if trials < len(stages):
-        pytest.fail(f"{TRIALS_ENV}={trials}: the campaign needs at least one trial per stage ({len(stages)})")
-    picks = stages + [rng.choice(stages) for _ in range(trials - len(stages))]
-    rng.shuffle(picks)
-    return [trial(s, i % DVC_SHARE == DVC_SHARE - 1, None) for i, s in enumerate(picks)]
+        picks, cap = [(s, False) for s in stages] + [(s, True) for s in quick], LEAN_WINDOW_S
+    else:
+        if trials < len(stages):
+            pytest.fail(f"{TRIALS_ENV}={trials}: the campaign needs at least one trial per stage ({len(stages)})")
+        chosen = stages + [rng.choice(stages) for _ in range(trials - len(stages))]
+        rng.shuffle(chosen)
+        picks, cap = [(s, i % DVC_SHARE == DVC_SHARE - 1) for i, s in enumerate(chosen)], None
+    strata = list(range(len(picks)))
+    rng.shuffle(strata)
+    plan = []
+    for (stage, in_dvc), k in zip(picks, strata, strict=True):
+        t = timing[stage]
+        lo, hi = (0.0, 2 * t.before + t.own) if in_dvc else (quickest, t.before + t.own)
+        fraction = (k + rng.random()) / len(picks)
+        plan.append(Trial(stage, in_dvc, lo + fraction * min(hi - lo, cap or hi), lo, hi))
+    return plan
 
 
 def _start(repo: Path, trial: Trial, log: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -155,6 +168,11 @@ def _digest(repo: Path, out: str) -> str | None:
         return output_digest(repo, out)
     except (ValueError, AssertionError) as e:  # a per-run output that does not even parse: torn
         return f"unreadable: {e}"
+
+
+def _differ(repo: Path, outs: tuple[str, ...], complete: dict[str, str | None]) -> list[str]:
+    """The outputs in `outs` that are absent or not their complete bytes."""
+    return [o for o in outs if _digest(repo, o) != complete[o]]
 
 
 def _raw(repo: Path, outs: list[str]) -> dict[str, str | None]:
@@ -240,23 +258,24 @@ def test_killed_stages_never_leave_a_torn_output(tmp_path: Path, ci_dag: Path) -
         _check_state(repo, specs, complete, lock_md5, chain, where)
         stage_outs = specs[trial.stage].all_outs
         resumed = False
-        if trials is not None and killed and not trial.in_dvc:
+        scratch = repo / SCRATCH_DIR / trial.stage  # a killed run's checkpoints
+        checkpointed = killed and any(scratch.rglob(LATEST))
+        if killed and not trial.in_dvc and (trials is not None or checkpointed):
             # run it again to completion: a training stage resumes from the checkpoint the kill left
             proc_rerun = run(repo, "python", "-m", f"stages.{trial.stage}")
             resumed = RESUMED in proc_rerun.stderr
-            assert {o: complete[o] for o in stage_outs} == {o: _digest(repo, o) for o in stage_outs}, \
-                f"{where}: the re-run after the kill gave other bytes"
-            assert not (repo / ".lmforge/scratch" / trial.stage).exists(), f"{where}: scratch left after success"
+            assert not (other := _differ(repo, stage_outs, complete)), f"{where}: the re-run gave other {other}"
+            assert checkpointed <= resumed, f"{where}: the re-run did not resume from the killed run's checkpoint"
+            assert not scratch.exists(), f"{where}: resumable state left after a successful run"
             report = AuditLog(log_path).verify()
             assert report.ok, f"{where}: audit chain after the re-run: {report.problem}"
         elif trial.in_dvc or any(_raw(repo, list(stage_outs))[o] != raw[o] for o in stage_outs):
             # DVC after a kill inside it (its lock, run-cache, .dvc/tmp): puts the outputs back
             run(repo, "dvc", "repro", "--single-item", trial.stage)
-            assert {o: _digest(repo, o) for o in stage_outs} == {o: complete[o] for o in stage_outs}, \
-                f"{where}: `dvc repro --single-item` did not restore the outputs"
+            assert not (other := _differ(repo, stage_outs, complete)), f"{where}: DVC did not restore {other}"
         _check_state(repo, specs, complete, lock_md5, chain, f"{where}, after putting it back")
         outcomes.append(Outcome(trial, killed, resumed))
-        print(f"{where}, drawn from {trial.window:.1f} s: {'killed' if killed else 'it had finished'}"
+        print(f"{where}, drawn from {trial.lo:.1f}-{trial.hi:.1f} s: {'killed' if killed else 'it had finished'}"
               + (", re-run resumed from a checkpoint" if resumed else ""))
 
     # (c) the DAG comes back: the same artifacts, DVC up to date, the audit chain intact
