@@ -26,7 +26,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install run flow test lint bench clean-outputs sources stack-up stack-down
+.PHONY: help install run flow test crash lint bench clean-outputs sources stack-up stack-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ stack-down:  ## stop everything stack-up started, by PID
 
 test: install  ## run the test suite (unit + end-to-end DAG on the ci profile)
 	$(BIN)/python -m pytest -q
+
+# The crash campaign's size: trials over the whole DAG (every stage at least once; CI runs a lean one).
+CRASH_TRIALS ?= 40
+
+crash: install  ## crash anywhere: SIGKILL every stage (alone and inside dvc repro) at random moments, CRASH_TRIALS times
+	LMFORGE_CRASH_TRIALS=$(CRASH_TRIALS) $(BIN)/python -m pytest -q -s --timeout=0 tests/test_crash.py
 
 lint: install  ## ruff
 	$(BIN)/ruff check lib stages pipelines tests bench scripts
