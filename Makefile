@@ -61,7 +61,7 @@ stack-down:  ## stop everything stack-up started, by PID
 	$(BIN)/python -m pipelines.stack down
 
 test: install  ## run the test suite (unit + end-to-end DAG on the ci profile)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The crash campaign's size: trials over the whole DAG (every stage at least once; CI runs a lean one).
 CRASH_TRIALS ?= 40
