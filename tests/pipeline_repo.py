@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,14 +96,15 @@ def _per_run_stripped(repo: Path, path: str) -> str | None:
     return None
 
 
-def lock_outs(repo: Path) -> dict[str, str]:
-    """Every output path in dvc.lock with its md5: the artifact digests two runs must share.
-    An output that differs per run on purpose (TIMED, the model card) is represented by its
-    content without those parts instead."""
+def lock_outs(repo: Path, stages: Collection[str] | None = None) -> dict[str, str]:
+    """Every output path in dvc.lock (of `stages`, default all) with its md5: the artifact
+    digests two runs must share. An output that differs per run on purpose (TIMED, the model
+    card, the report) is represented by its content without those parts instead."""
     import yaml
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    outs = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+    outs = {o["path"]: o["md5"] for name, st in lock["stages"].items() if stages is None or name in stages
+            for o in st.get("outs", [])}
     for path in outs:
         stripped = _per_run_stripped(repo, path)
         if stripped is not None:
