@@ -159,12 +159,18 @@ def _manifest_case(write: Callable[[Path], None], problem: str) -> Case:
     return case
 
 
-def _edit_kjv(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+def _edit_json(edit: Callable[[dict[str, Any]], None],
+               at: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m) -> Callable[[Path], None]:
+    """A case that rewrites a JSON file with `edit` applied to the object `at` selects."""
     def write(path: Path) -> None:
         m = json.loads(path.read_text())
-        edit(m["sources"]["kjv"])
+        edit(at(m))
         path.write_text(json.dumps(m))
     return write
+
+
+def _edit_kjv(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    return _edit_json(edit, lambda m: m["sources"]["kjv"])
 
 
 MANIFEST = {
@@ -397,20 +403,12 @@ def _facts_manifest_case(write: Callable[[Path], None], problem: str) -> Case:
     return case
 
 
-def _edit_facts_manifest(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        m = json.loads(path.read_text())
-        edit(m)
-        path.write_text(json.dumps(m))
-    return write
-
-
 FACTS_MANIFEST = {
     "factsjson-malformed": _facts_manifest_case(lambda p: p.write_text('{"file": "facts.jsonl.gz",\n "sha256": }'),
                                                 ":2: invalid JSON: Expecting value at column 12"),
-    "factsjson-wrong-type": _facts_manifest_case(_edit_facts_manifest(lambda m: m.update(sha256=12)),
+    "factsjson-wrong-type": _facts_manifest_case(_edit_json(lambda m: m.update(sha256=12)),
                                                  ": key 'sha256' must be 64 lowercase hex digits, got 12"),
-    "factsjson-missing-field": _facts_manifest_case(_edit_facts_manifest(lambda m: m.pop("sha256")),
+    "factsjson-missing-field": _facts_manifest_case(_edit_json(lambda m: m.pop("sha256")),
                                                     ": key 'sha256' is missing"),
     "factsjson-empty": _facts_manifest_case(lambda p: p.write_bytes(b""), ": is empty"),
     "factsjson-huge": _facts_manifest_case(lambda p: sparse(p, inputs.MAX_JSON_BYTES + 1),
