@@ -265,7 +265,7 @@ BAD_PRIVATE = {
     "missing": (None, "private key not found"),
     "not_pem": (b"just some text\n", "not a PEM file"),
     "public_key": ("pub", "not a PEM private key (it is a public key: the private key is the file without .pub)"),
-    "rsa": ("rsa", "holds an RSAPrivateKey; audit signing needs an Ed25519 key"),
+    "rsa": ("rsa", "holds an RSAPrivateKey; audit signatures are Ed25519"),
     "encrypted": ("enc", "the private key is encrypted"),
     "garbled_pem": (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "not a readable PEM private key"),
     "world_readable": ("0644", "private key is readable by other users (mode 0644;"),

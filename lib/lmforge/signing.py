@@ -113,10 +113,17 @@ def _read_pem(path: Path, where: str, what: str) -> bytes:
     return data
 
 
-def _kind(key: object) -> str:
-    """'an RSAPrivateKey', 'an ECPublicKey', ...: the key type found, for the wrong-type message."""
-    name = type(key).__name__.lstrip("_")
-    return f"holds {'an' if name[:1] in 'AEIORX' else 'a'} {name}"
+def _unreadable(path: Path, where: str, what: str, err: Exception, fix: str) -> ConfigError:
+    return ConfigError(f"{path}: not a readable PEM {what} ({err}) (set by {where}) (fix: {fix} `{_KEYGEN}`)")
+
+
+def _ed25519(key: Any, cls: type, path: Path, where: str, fix: str) -> Any:
+    """`key` if it is an Ed25519 key of class `cls`, else a ConfigError naming the type found."""
+    if not isinstance(key, cls):
+        name = type(key).__name__.lstrip("_")  # 'RSAPrivateKey', 'ECPublicKey', ...
+        raise ConfigError(f"{path}: holds {'an' if name[:1] in 'AEIORX' else 'a'} {name}; audit signatures are "
+                          f"Ed25519 (set by {where}) (fix: {fix} `{_KEYGEN}`)")
+    return key
 
 
 def load_private_key(path: str | Path, where: str) -> Ed25519PrivateKey:
@@ -145,14 +152,8 @@ def load_private_key(path: str | Path, where: str) -> Ed25519PrivateKey:
             "host, e.g. one made by `lmforge audit keygen`)"
         ) from None
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise ConfigError(f"{path}: not a readable PEM private key ({e}) (set by {where}) (fix: restore the "
-                          f"file, or make a new pair with `{_KEYGEN}`)") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(
-            f"{path}: {_kind(key)}; audit signing needs an Ed25519 key (set by {where}) "
-            f"(fix: make one with `{_KEYGEN}`)"
-        )
-    return key
+        raise _unreadable(path, where, "private key", e, "restore the file, or make a new pair with") from None
+    return _ed25519(key, Ed25519PrivateKey, path, where, "make one with")
 
 
 def load_public_key(path: str | Path, where: str) -> Ed25519PublicKey:
@@ -169,14 +170,8 @@ def load_public_key(path: str | Path, where: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise ConfigError(f"{path}: not a readable PEM public key ({e}) (set by {where}) (fix: use the .pub "
-                          f"file written by `{_KEYGEN}`)") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(
-            f"{path}: {_kind(key)}; audit signatures are Ed25519 (set by {where}) (fix: use the .pub "
-            f"file written by `{_KEYGEN}`)"
-        )
-    return key
+        raise _unreadable(path, where, "public key", e, "use the .pub file written by") from None
+    return _ed25519(key, Ed25519PublicKey, path, where, "use the .pub file written by")
 
 
 def _create_new(path: Path, data: bytes, mode: int) -> None:
