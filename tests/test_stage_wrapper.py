@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -86,35 +88,32 @@ def test_bad_source_fails_cleanly(repo: Path, kind: str) -> None:
     assert not list((repo / "data").glob(".mix.*"))  # no staging dir or half swap left
 
 
-def test_unknown_params_key_fails_before_any_work(repo: Path) -> None:
+def _mix_with_params(repo: Path, edit: Callable[[dict[str, Any]], None]) -> str:
+    """Run the mix stage with params.yaml edited by `edit` (put back afterwards); it must fail
+    with exit code 2 before touching anything. Returns its stderr."""
     before = _snapshot(repo)
     params_before = (repo / "params.yaml").read_text()
     try:
         params = yaml.safe_load(params_before)
-        params["mix"]["filters"]["min_chars_typo"] = 5
+        edit(params)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = run(repo, "python", "-m", "stages.mix", check=False)
     finally:
         (repo / "params.yaml").write_text(params_before)
-    assert proc.returncode == 2
-    assert "mix.filters.min_chars_typo: unknown key" in proc.stderr
-    assert "min_chars" in proc.stderr  # the allowed keys are listed
+    assert proc.returncode == 2, proc.stderr
     assert _snapshot(repo) == before
+    return proc.stderr
+
+
+def test_unknown_params_key_fails_before_any_work(repo: Path) -> None:
+    err = _mix_with_params(repo, lambda p: p["mix"]["filters"].update(min_chars_typo=5))
+    assert "mix.filters.min_chars_typo: unknown key" in err
+    assert "min_chars" in err  # the allowed keys are listed
 
 
 def test_a_missing_params_section_names_the_fix_before_any_work(repo: Path) -> None:
-    before = _snapshot(repo)
-    params_before = (repo / "params.yaml").read_text()
-    try:
-        params = yaml.safe_load(params_before)
-        del params["mix"]
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        proc = run(repo, "python", "-m", "stages.mix", check=False)
-    finally:
-        (repo / "params.yaml").write_text(params_before)
-    assert proc.returncode == 2
-    assert "lmforge mix: error: params.yaml: section 'mix' is missing (fix: add a 'mix:' block)" in proc.stderr
-    assert _snapshot(repo) == before
+    err = _mix_with_params(repo, lambda p: p.pop("mix"))
+    assert "lmforge mix: error: params.yaml: section 'mix' is missing (fix: add a 'mix:' block)" in err
 
 
 def test_a_source_outside_the_declared_deps_is_refused(repo: Path) -> None:
