@@ -22,8 +22,9 @@ def test_unknown_key_is_named_with_allowed_keys() -> None:
     with pytest.raises(ConfigError) as e:
         build(MixConfig, {"sources": [SOURCE], "sedd": 1}, "params.yaml: mix")
     msg = str(e.value)
-    assert "params.yaml: mix.sedd: unknown key" in msg
+    assert "params.yaml: mix.sedd: unknown key; allowed keys here: " in msg
     assert "seed" in msg and "sources" in msg
+    assert msg.endswith("(fix: correct the key's spelling, or remove it)")
 
 
 def test_nested_unknown_and_mistyped_keys() -> None:
@@ -33,7 +34,8 @@ def test_nested_unknown_and_mistyped_keys() -> None:
     msg = str(e.value)
     assert "mix.sources[0].shar: unknown key" in msg
     assert "mix.sources[0].share" in msg
-    assert "mix.filters.min_chars" in msg
+    assert ("mix.filters.min_chars: Input should be a valid integer "
+            "(got 'ten') (fix: give 'min_chars' a value of that kind)") in msg
 
 
 def test_shares_must_sum_to_one() -> None:

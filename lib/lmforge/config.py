@@ -70,26 +70,29 @@ def _allowed(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def validation_lines(err: ValidationError, cls: type[BaseModel], where: str) -> list[str]:
-    """One line per problem, each naming the key path under `where` and what is allowed."""
+def validation_lines(err: ValidationError, cls: type[BaseModel], where: str, fixes: bool = False) -> list[str]:
+    """One line per problem, each naming the key path under `where` and what is allowed; with
+    `fixes`, each also says what to change (callers that know a better fix add their own)."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = _loc(where, loc)
         if e["type"] == "extra_forbidden":
             allowed = _allowed(cls, loc[:-1])
-            lines.append(f"{key}: unknown key; allowed keys here: {', '.join(allowed)}")
+            fix = " (fix: correct the key's spelling, or remove it)" if fixes else ""
+            lines.append(f"{key}: unknown key; allowed keys here: {', '.join(allowed)}{fix}")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing (fix: add '{loc[-1]}:')")
         elif e["type"] == "value_error":  # our own validators: the message names the value already
             lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            fix = f" (fix: give '{loc[-1]}' a value of that kind)" if fixes else ""
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r}){fix}")
     return lines
 
 
 def format_validation_error(err: ValidationError, cls: type[BaseModel], where: str) -> str:
-    return "invalid params:\n  " + "\n  ".join(validation_lines(err, cls, where))
+    return "invalid params:\n  " + "\n  ".join(validation_lines(err, cls, where, fixes=True))
 
 
 def build(cls: type[C], data: Any, where: str) -> C:
