@@ -118,6 +118,58 @@ def test_transitions_happen_at_exactly_the_expected_steps() -> None:
     assert all(s <= 1.0 + 1e-12 for s in gov.budget_sums) and len(gov.budget_sums) == 14
 
 
+def drive_contributions(gov: Governor, contrib: Any, steps: range) -> None:
+    """Every trainable group gets a gradient of norm 1 (ratio 1: the gradient signal never
+    fires) and an update along it whose loss contribution g . (before - after) is exactly
+    contrib(step, group)."""
+    for step in steps:
+        gov.before_step(step)
+        set_grads(gov, dict.fromkeys(gov.states, 1.0))
+        gov.before_update(step)
+        with torch.no_grad():
+            for g in gov.groups:
+                for p in gov._params[g.name]:
+                    if p.grad is not None:
+                        p.sub_(contrib(step, g.name) * p.grad)  # |g| = 1 over the group
+        gov.after_update(step)
+
+
+def test_low_yield_cools_and_freezes_a_group_whose_gradient_has_not_shrunk() -> None:
+    """EMA decay 0: a group whose updates buy little loss per gradient FLOP, compared with the
+    others, cools and converges at exactly the expected steps; the gradient signal is silent."""
+    model = gpt()
+    settings = dict(ema_decay=0.0, ref_steps=2, cool_ratio=0.5, converge_ratio=0.5, window=3,
+                    force_at=[0.0, 0.0, 0.0], eval_cap=100, eval_window=1)
+    gov = governor(model, cool_yield=0.5, converge_yield=0.2, **settings)
+    attach(gov, model)
+    work = gov._work
+
+    def contrib(step: int, group: str) -> float:  # per FLOP: 1 for a, b, c; d 1, then 0.2, then 0
+        scale = 1.0 if group != "d" or step < 2 else 0.2 if step < 5 else 0.0
+        return scale * work[group] * 1e-5  # large enough for float32 weights to carry
+
+    drive_contributions(gov, contrib, range(12))
+    others = work["a"] + work["b"] + work["c"]
+    assert 0.2 < 0.2 / ((others + 0.2 * work["d"]) / (others + work["d"])) < 0.5  # d's yield on steps 2..4
+    assert transitions(gov) == [
+        (0, "c", PENDING, ACTIVE),       # force_at 0: every level starts at once
+        (0, "d", PENDING, ACTIVE),
+        (5, "d", ACTIVE, COOLING),       # yield < 0.5 on steps 2, 3, 4 (judged from ref_steps on)
+        (8, "d", COOLING, CONVERGED),    # yield 0 < 0.2 on steps 5, 6, 7
+    ]
+    assert gov.events[2]["signals"]["yield"] == pytest.approx(0.2 / ((others + 0.2 * work["d"]) / (others + work["d"])),
+                                                              rel=1e-3)
+    assert gov.events[2]["signals"]["ratio"] == pytest.approx(1.0)
+    assert all(not p.requires_grad for p in gov._params["d"])
+    assert all(gov.states[g].yld == pytest.approx(1.0, rel=1e-2) for g in "abc")  # the rate of the groups still training
+    # the same run with the yield thresholds at 0 (the default): nothing moves
+    model = gpt()
+    off = governor(model, **settings)
+    attach(off, model)
+    drive_contributions(off, contrib, range(12))
+    assert len(off.events) == 2 and off.states["d"].state == ACTIVE and off.states["d"].yld == 0.0
+
+
 def test_levels_start_at_their_forced_fractions() -> None:
     model = gpt()
     gov = governor(model, cool_ratio=0.01, converge_ratio=0.01, force_at=[0.25, 0.5, 0.5])
@@ -149,7 +201,9 @@ def test_allocate_keeps_floor_ceiling_and_budget(seed: int) -> None:
 def test_bad_governor_settings_are_refused() -> None:
     for kw, msg in [({"cool_ratio": 1.5}, "cool_ratio must be in"), ({"converge_ratio": 0.9}, "converge_ratio must"),
                     ({"ema_decay": 1.0}, "ema_decay"), ({"force_at": [0.5, 0.2, 0.9]}, "must not decrease"),
-                    ({"share_floor": 0.7}, "share_floor"), ({"window": 0}, "window must be >= 1")]:
+                    ({"share_floor": 0.7}, "share_floor"), ({"window": 0}, "window must be >= 1"),
+                    ({"cool_yield": 1.0}, "cool_yield must be in"),
+                    ({"cool_yield": 0.3, "converge_yield": 0.4}, "converge_yield must be in")]:
         with pytest.raises(ValueError, match=msg):
             GovernorConfig(**kw)
     model = gpt()

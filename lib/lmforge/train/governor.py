@@ -5,16 +5,25 @@ Every group (lmforge.train.groups) is in one state:
 
     PENDING    its level has not started yet (frozen)
     ACTIVE     training
-    COOLING    its gradient-norm EMA fell below `cool_ratio` x its early level for `window` steps
-    CONVERGED  ... and below `converge_ratio` x for `window` more steps: frozen
+    COOLING    for `window` steps, its gradient-norm EMA stayed below `cool_ratio` x its early
+               level, or its yield below `cool_yield`
+    CONVERGED  ... and for `window` more steps below `converge_ratio` x / `converge_yield`: frozen
     AWAKENED   a validation regression unfroze it; ACTIVE again after `awaken_steps` steps
 
-ACTIVE -> COOLING -> CONVERGED -> AWAKENED -> ACTIVE; COOLING goes back to ACTIVE when the
-ratio rises above `cool_ratio` again. The "early level" of a group is its EMA after its first
-`ref_steps` trained steps. The loss signal is twofold: each group's loss contribution (the
-first-order loss decrease of its last update, -g . delta-theta) weighs its budget share, and a
-validation loss that regresses by more than `awaken_tol` over the best seen awakens the groups
-that converged most recently.
+ACTIVE -> COOLING -> CONVERGED -> AWAKENED -> ACTIVE; COOLING goes back to ACTIVE when neither
+cooling condition holds any more. The "early level" of a group is its EMA after its first
+`ref_steps` trained steps; both signals are judged from then on.
+
+The loss signal is threefold. Each group's loss contribution (the first-order loss decrease of
+its last update, g . (theta_before - theta_after), as an EMA) gives its *yield*: contribution
+per FLOP of its gradient (grad_work) over the same for all trainable groups together. A group
+at yield 1 buys loss at the model's average rate; one at 0.1 spends its gradient FLOPs ten
+times less well, which is what an already-converged group does even while its gradient stays
+large (noise keeps the norm up: on a pretrained model, gradient norms barely fall while the
+contributions differ by 30x between groups; bench/results/govern_frontier.md). The
+contribution also weighs each group's budget share (`loss_weight`), and a validation loss that
+regresses by more than `awaken_tol` over the best seen awakens the groups that converged most
+recently.
 
 Frozen is real: a frozen group's tensors have requires_grad False, so autograd computes no
 gradient for them, the optimizers skip them (their grad is None) and their bytes do not change;
@@ -58,6 +67,8 @@ class GovernorConfig(Config):
     ref_steps: int = 10             # the early level: the EMA after a group's first ref_steps steps
     cool_ratio: float = 0.8         # ema / early level below this for `window` steps: ACTIVE -> COOLING
     converge_ratio: float = 0.6     # ... below this for `window` more steps: COOLING -> CONVERGED
+    cool_yield: float = 0.0         # yield below this for `window` steps: ACTIVE -> COOLING (0: off)
+    converge_yield: float = 0.0     # ... below this for `window` more steps: COOLING -> CONVERGED
     window: int = 5
     awaken_tol: float = 0.01        # val loss > best x (1 + awaken_tol): latest converged groups awaken
     awaken_steps: int = 10          # AWAKENED -> ACTIVE after this many steps
@@ -78,6 +89,9 @@ class GovernorConfig(Config):
         need(0.0 < self.cool_ratio <= 1.0, f"cool_ratio must be in (0, 1] (got {self.cool_ratio})")
         need(0.0 < self.converge_ratio <= self.cool_ratio,
              f"converge_ratio must be in (0, cool_ratio = {self.cool_ratio}] (got {self.converge_ratio})")
+        need(0.0 <= self.cool_yield < 1.0, f"cool_yield must be in [0, 1) (got {self.cool_yield})")
+        need(0.0 <= self.converge_yield <= self.cool_yield,
+             f"converge_yield must be in [0, cool_yield = {self.cool_yield}] (got {self.converge_yield})")
         need(self.awaken_tol >= 0.0, f"awaken_tol must be >= 0 (got {self.awaken_tol})")
         need(len(self.force_at) == LEVELS - 1, f"force_at lists {LEVELS - 1} fractions, for L1..L{LEVELS - 1} "
              f"(got {len(self.force_at)})")
@@ -102,6 +116,7 @@ class GroupState:
     since: int = 0                  # step of the last transition
     contrib: float | None = None    # loss-contribution EMA
     share: float = 0.0
+    yld: float | None = None        # yield: contribution per gradient FLOP over all trainable groups'
 
     @property
     def ratio(self) -> float | None:
@@ -234,10 +249,9 @@ class Governor:
         self.work_all += sum(self._work.values())
         self.work_done += sum(self._work[g] for g in trainable)
         d = self.cfg.ema_decay
-        for name in trainable:
+        measured = [name for name in trainable if name in self._norms]
+        for name in measured:
             st = self.states[name]
-            if name not in self._norms:
-                continue
             contrib = sum(float((p.grad.float() * (q.float() - p.float())).sum())
                           for p, q in zip(self._params[name], self._prev[name], strict=True) if p.grad is not None)
             st.contrib = contrib if st.contrib is None else d * st.contrib + (1 - d) * contrib
@@ -246,7 +260,9 @@ class Governor:
             st.trained += 1
             if st.trained == self.cfg.ref_steps:
                 st.ref = st.ema
-            self._advance(name, st, done)
+        self._yields(measured)
+        for name in measured:
+            self._advance(name, self.states[name], done)
         self._prev = {}
         for k in range(1, LEVELS):
             below = [g for g in self.groups if g.level < k]
@@ -284,23 +300,37 @@ class Governor:
 
     # --- states -----------------------------------------------------------------------------
 
+    def _yields(self, names: list[str]) -> None:
+        """Each group's yield: its contribution per gradient FLOP over that of `names` together
+        (the trainable groups). None where the total contribution is not positive: no rate to
+        compare with."""
+        total = sum(self.states[n].contrib or 0.0 for n in names)
+        rate = total / sum(self._work[n] for n in names) if names else 0.0
+        for n in names:
+            st = self.states[n]
+            st.yld = (st.contrib or 0.0) / self._work[n] / rate if rate > 0 else None
+
+    def _below(self, st: GroupState, ratio: float, yld: float) -> bool:
+        """Either signal under its threshold (a yield threshold of 0 is off)."""
+        return (st.ratio is not None and st.ratio < ratio) or (st.yld is not None and st.yld < yld)
+
     def _advance(self, name: str, st: GroupState, step: int) -> None:
-        cfg, r = self.cfg, st.ratio
+        cfg = self.cfg
         if st.state == AWAKENED:
             if step - st.since >= cfg.awaken_steps:
                 self._move(name, ACTIVE, step)
             return
-        if r is None:
+        if st.ref is None:  # not yet trained ref_steps steps: no early level, signals still settling
             return
         if st.state == ACTIVE:
-            st.streak = st.streak + 1 if r < cfg.cool_ratio else 0
+            st.streak = st.streak + 1 if self._below(st, cfg.cool_ratio, cfg.cool_yield) else 0
             if st.streak >= cfg.window:
                 self._move(name, COOLING, step)
         elif st.state == COOLING:
-            if r >= cfg.cool_ratio:
+            if not self._below(st, cfg.cool_ratio, cfg.cool_yield):
                 self._move(name, ACTIVE, step)
                 return
-            st.streak = st.streak + 1 if r < cfg.converge_ratio else 0
+            st.streak = st.streak + 1 if self._below(st, cfg.converge_ratio, cfg.converge_yield) else 0
             if st.streak >= cfg.window:
                 self._move(name, CONVERGED, step)
 
@@ -311,7 +341,8 @@ class Governor:
 
     def _move(self, name: str, new: str, step: int, **signals: Any) -> None:
         st = self.states[name]
-        sig = {"ema": st.ema, "ref": st.ref, "ratio": st.ratio, "contribution": st.contrib, "share": st.share}
+        sig = {"ema": st.ema, "ref": st.ref, "ratio": st.ratio, "contribution": st.contrib, "yield": st.yld,
+               "share": st.share}
         sig.update(signals)
         self.events.append({"step": step, "group": name, "old": st.state, "new": new,
                             "signals": {k: (round(v, 8) if isinstance(v, float) else v) for k, v in sig.items()}})
@@ -349,6 +380,8 @@ class Governor:
             out[f"govern/{name}/share"] = st.share
             if st.ratio is not None:
                 out[f"govern/{name}/ratio"] = st.ratio
+            if st.yld is not None:
+                out[f"govern/{name}/yield"] = st.yld
         return out
 
     def state_dict(self) -> dict[str, Any]:
