@@ -36,13 +36,14 @@ from lmforge.train import dist as tdist  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 GOAL_SKIPPED, GOAL_LOSS = 0.25, 0.01
 
-# Governor settings (overrides of params.yaml: govern.governor), gentlest first.
+# Governor settings (overrides of params.yaml: govern.governor).
 SETTINGS: dict[str, dict[str, Any]] = {
     "params.yaml": {},
-    "loss-weighted budget": {"loss_weight": 0.5},
+    "gradient signal only": {"cool_yield": 0.0, "converge_yield": 0.0},
+    "gentle yield": {"cool_yield": 0.3, "converge_yield": 0.15},
+    "eager yield": {"cool_yield": 0.7, "converge_yield": 0.4},
     "no hierarchy": {"force_at": [0.0, 0.0, 0.0]},
-    "short hierarchy": {"force_at": [0.15, 0.3, 0.45]},
-    "eager": {"cool_ratio": 0.95, "converge_ratio": 0.9, "window": 3},
+    "coarse-to-fine": {"force_at": [0.2, 0.4, 0.6]},
 }
 
 
@@ -65,12 +66,14 @@ def render(rows: list[dict[str, Any]], p: argparse.Namespace) -> str:
              f"{p.steps} steps per run, seeds {', '.join(map(str, p.seed_list))}, CPU ({torch.get_num_threads()} threads), "
              f"torch {torch.__version__}. Each governed run is compared with the ungoverned run of its seed "
              "(same data order, seed and steps).", "",
-             "| setting | seed | skipped | val loss | ungoverned | change | governed s | ungoverned s | transitions | evals |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setting | seed | skipped | val loss | ungoverned | change | governed s | ungoverned s | transitions | evals "
+             "| frozen at the end (since step) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['seed']} | {100 * r['skipped_fraction']:.1f}% | {r['val_loss']:.4f} | "
                      f"{r['val_loss_ungoverned']:.4f} | {100 * r['val_loss_change']:+.2f}% | {r['seconds']:.1f} | "
-                     f"{r['seconds_ungoverned']:.1f} | {r['transitions']} | {r['evaluations']} |")
+                     f"{r['seconds_ungoverned']:.1f} | {r['transitions']} | {r['evaluations']} | "
+                     f"{', '.join(f'{g} ({s})' for g, s in r['converged'].items()) or '-'} |")
     lines += ["", "| setting | skipped (mean ± sd) | val loss change (mean ± sd) | wall-clock governed / ungoverned | goal |",
               "|---|---:|---:|---:|---|"]
     for name in SETTINGS:
@@ -149,7 +152,8 @@ def main() -> None:
             rows.append({"setting": name, "seed": seed, "skipped_fraction": gov.skipped_fraction, "val_loss": loss,
                          "val_loss_ungoverned": ref_loss, "val_loss_change": loss / ref_loss - 1.0,
                          "seconds": res.seconds, "seconds_ungoverned": ref.seconds, "transitions": len(gov.events),
-                         "evaluations": len(gov.evals), "max_budget_sum": max(gov.budget_sums)})
+                         "evaluations": len(gov.evals), "max_budget_sum": max(gov.budget_sums),
+                         "converged": {g: st.since for g, st in gov.states.items() if st.state == "CONVERGED"}})
             print(f"  {name}: skipped {100 * gov.skipped_fraction:.1f}%, val loss {loss:.4f} "
                   f"({100 * (loss / ref_loss - 1):+.2f}%), {res.seconds:.1f}s", flush=True)
     tdist.teardown()
