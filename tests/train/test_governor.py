@@ -144,8 +144,8 @@ def test_low_yield_cools_and_freezes_a_group_whose_gradient_has_not_shrunk() -> 
     attach(gov, model)
     work = gov._work
 
-    def contrib(step: int, group: str) -> float:  # per FLOP: 1 for a, b, c; d 1, then 0.2, then 0
-        scale = 1.0 if group != "d" or step < 2 else 0.2 if step < 5 else 0.0
+    def contrib(step: int, group: str) -> float:  # per FLOP: 1 for a, b, c; d 1, then 0.2, then 0, then < 0
+        scale = 1.0 if group != "d" or step < 2 else 0.2 if step < 5 else 0.0 if step < 8 else -0.1
         return scale * work[group] * 1e-5  # large enough for float32 weights to carry
 
     drive_contributions(gov, contrib, range(12))
@@ -167,7 +167,7 @@ def test_low_yield_cools_and_freezes_a_group_whose_gradient_has_not_shrunk() -> 
     off = governor(model, **settings)
     attach(off, model)
     drive_contributions(off, contrib, range(12))
-    assert len(off.events) == 2 and off.states["d"].state == ACTIVE and off.states["d"].yld == 0.0
+    assert len(off.events) == 2 and off.states["d"].state == ACTIVE and off.states["d"].yld < 0  # still off
 
 
 def test_levels_start_at_their_forced_fractions() -> None:

@@ -20,7 +20,7 @@ per FLOP of its gradient (grad_work) over the same for all trainable groups toge
 at yield 1 buys loss at the model's average rate; one at 0.1 spends its gradient FLOPs ten
 times less well, which is what an already-converged group does even while its gradient stays
 large (noise keeps the norm up: on a pretrained model, gradient norms barely fall while the
-contributions differ by 30x between groups; bench/results/govern_frontier.md). The
+contributions per FLOP differ 50-fold between matrices; bench/results/govern_frontier.md). The
 contribution also weighs each group's budget share (`loss_weight`), and a validation loss that
 regresses by more than `awaken_tol` over the best seen awakens the groups that converged most
 recently.
@@ -311,8 +311,9 @@ class Governor:
             st.yld = (st.contrib or 0.0) / self._work[n] / rate if rate > 0 else None
 
     def _below(self, st: GroupState, ratio: float, yld: float) -> bool:
-        """Either signal under its threshold (a yield threshold of 0 is off)."""
-        return (st.ratio is not None and st.ratio < ratio) or (st.yld is not None and st.yld < yld)
+        """Either signal under its threshold. A yield threshold of 0 is off, even for a group
+        whose updates raise the loss (a negative yield): the gradient rule alone decides."""
+        return (st.ratio is not None and st.ratio < ratio) or (yld > 0 and st.yld is not None and st.yld < yld)
 
     def _advance(self, name: str, st: GroupState, step: int) -> None:
         cfg = self.cfg
