@@ -26,7 +26,8 @@ Two sizes:
   first LEAN_WINDOW_S seconds of its run (the long stages early in theirs), two inside `dvc repro`
   on the two quickest stages, and the rest a second kill of the quickest stages. A killed stage
   that left a checkpoint is run again to completion (it must resume, to the same bytes); one
-  whose outputs the kill changed is put back with `dvc repro --single-item` (DVC's run-cache). 2-4 minutes on 2 cores on top of the ci DAG.
+  whose outputs the kill changed is put back with `dvc repro --single-item` (DVC's run-cache).
+  2-4 minutes on 2 cores on top of the ci DAG.
 - `make crash` (LMFORGE_CRASH_TRIALS=N, at least one per stage): N trials, every stage at least
   once, about a third inside `dvc repro`, kill points uniform over the stage's whole run; every
   killed stage is then run again to completion (a training stage resumes from the checkpoint the
