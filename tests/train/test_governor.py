@@ -4,12 +4,15 @@ loop, optimizer state kept across freeze -> awaken, the budget invariant, resume
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, ModelConfig
@@ -236,8 +239,10 @@ class Spy(Governor):
         super().__init__(*args, **kw)
         self.force = force or {}
         self.seen: dict[int, dict[str, Any]] = {}
+        self.frozen_sets: set[frozenset[str]] = set()  # the sets of frozen groups steps ran with
 
     def before_update(self, step: int) -> None:
+        self.frozen_sets.add(frozenset(g.name for g in self.groups if self.states[g.name].state in FROZEN))
         for g in self.groups:
             frozen = self.states[g.name].state in FROZEN
             for p in self._params[g.name]:
@@ -338,3 +343,41 @@ def test_a_resumed_governor_keeps_the_groups_order(tmp_path: Any) -> None:
     assert train(m2, g2, steps=20, ckpt_dir=tmp_path).resumed_from == 15
     assert list(g2.states) == list(g1.states) == [s.name for s in specs]
     assert g2.budget_sums == g1.budget_sums
+
+
+def needs_cpp_compiler() -> None:
+    """Inductor's CPU backend builds C++: CI must have a compiler (.ci/run installs g++), elsewhere
+    the test is skipped."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler: .ci/run installs one (apt-get install g++)")
+        pytest.skip("no C++ compiler for torch.compile on the CPU (apt-get install g++)")
+
+
+def test_a_compiled_governed_run_follows_the_eager_one() -> None:
+    """torch.compile (Inductor's C++ backend here, the same graph capture as on a GPU) with a
+    governor: each set of frozen groups is its own graph. The forced moves below make twelve sets,
+    more than Dynamo keeps by default (8, after which it would run the rest eagerly): all twelve
+    compile, frozen groups still get no gradient (Spy), and the run follows the eager one (AdamW
+    throughout: Muon's bfloat16 orthogonalisation would amplify the compiler's float rounding)."""
+    needs_cpp_compiler()
+    force = {2: ("d", CONVERGED), 3: ("c", CONVERGED), 4: ("d", AWAKENED), 5: ("b", CONVERGED),
+             6: ("c", AWAKENED), 7: ("d", CONVERGED), 8: ("a", CONVERGED), 9: ("b", AWAKENED),
+             10: ("d", AWAKENED), 11: ("c", CONVERGED), 12: ("b", CONVERGED)}
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = gpt()
+        gov = Spy(GovernorConfig(force_at=[0.0, 0.0, 0.0], awaken_steps=100, awaken_tol=10.0),
+                  partition(model, SPECS), force=force)
+        runs[compiled] = model, gov, train(model, gov, steps=14, compile=compiled, optim=OptimConfig(matrix="adamw"))
+    assert len(runs[True][1].frozen_sets) == 12
+    assert counters["stats"]["unique_graphs"] == 12, dict(counters["stats"])
+    assert not counters["unimplemented"], list(counters["unimplemented"])  # no fallback to eager
+    (eager, g_eager, r_eager), (comp, g_comp, r_comp) = runs[False], runs[True]
+    assert transitions(g_comp) == transitions(g_eager)
+    assert r_comp.train_loss == pytest.approx(r_eager.train_loss, rel=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), comp.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-4, msg=name)
+

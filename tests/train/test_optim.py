@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config
 
+from lmforge.errors import ConfigError
 from lmforge.model import GPT, ModelConfig
 from lmforge.tokens import TokenSplit
 from lmforge.train import optim
@@ -249,12 +251,14 @@ class Masked:
         self.loader.load_state_dict(state)
 
 
-def train_curve(micro_batch: int, steps: int, *, matrix: str = "muon", masked: bool = False) -> tuple[list[float], GPT]:
+def train_curve(micro_batch: int, steps: int, *, matrix: str = "muon", masked: bool = False,
+                compile: bool = False) -> tuple[list[float], GPT]:
     """Per-step mean training loss of a fit, recorded from the objective itself."""
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_depth(1, vocab_size=V, aspect_ratio=32, head_dim=16, max_seq_len=64))
     cfg = TrainConfig(steps=steps, seq_len=16, micro_batch=micro_batch, global_batch=8, progress=False,
-                      device="cpu", eval_every=1000, ckpt_every=1000, optim=OptimConfig(matrix=matrix, lr_scale_dim=32))
+                      device="cpu", eval_every=1000, ckpt_every=1000, optim=OptimConfig(matrix=matrix, lr_scale_dim=32),
+                      compile=compile)
     sums: list[float] = []
     counts: list[int] = []
 
@@ -294,3 +298,11 @@ def test_grad_accumulation_gives_the_same_loss_curve(matrix: str) -> None:
     if matrix == "adamw":  # in float32 throughout: the weights agree too
         for (name, a), b in zip(m1.named_parameters(), m4.parameters(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-4, msg=name)
+
+
+def test_compile_on_the_cpu_needs_a_cpp_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor builds C++ kernels on the CPU: without a working compiler, fit refuses before
+    training, naming the setting and the fix. (A compiled run itself: test_governor.py.)"""
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("lmforge-no-such-c++",))
+    with pytest.raises(ConfigError, match=r"train\.compile: true on the CPU needs a C\+\+ compiler.*apt install g\+\+"):
+        train_curve(8, 2, compile=True)

@@ -73,7 +73,7 @@ class TrainConfig(Config):
     log_every: int = 1             # steps between MLflow loss points
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False          # torch.compile the model (CUDA only)
+    compile: bool = False          # torch.compile the model (on the CPU: needs a C++ compiler)
     # Under torchrun: ddp keeps a whole replica of weights, gradients and optimizer state in
     # every process; fsdp (FSDP2) shards all three across the processes, for models whose
     # training state does not fit one device. One process ignores it. (lmforge.train.shard)

@@ -10,7 +10,8 @@
 - `data` gives `next_step(global_batch, micro_batch)` (this process's micro-batches of the next
   step) and `state_dict()` / `load_state_dict()` (its position).
 - Optimizers (Muon + AdamW, lmforge.train.optim), the warmup-stable-decay schedule, gradient
-  accumulation, clipping, bf16 autocast and torch.compile on CUDA; under torchrun DDP, or
+  accumulation, clipping, bf16 autocast, torch.compile (Inductor: Triton kernels on CUDA, C++
+  on the CPU, which needs a C++ compiler); under torchrun DDP, or
   FSDP2 (`parallel: fsdp`: a sharded working copy, see lmforge.train.shard; `model` receives its
   weights for each evaluation and at the end).
 - Every `eval_every` steps and at the end, `evaluate(model)` (validation loss, bpb, ...).
@@ -50,6 +51,9 @@ Log = Callable[[Mapping[str, Any], int], None]
 
 # Dense bf16 peak FLOP/s per device, for MFU (the denominator nanochat and others use).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+# Compiled graphs kept per function when a plug-in freezes groups (one per set of frozen groups).
+RECOMPILE_LIMIT = 64
 
 
 class Data(Protocol):
@@ -131,10 +135,26 @@ def _check_shardable(plugin: Plugin | None, data: Data) -> None:
                           "(RL rollouts), which the sharded copy does not support; use parallel: ddp")
 
 
+def _check_compiler(cfg: TrainConfig, device: torch.device) -> None:
+    """torch.compile on the CPU builds C++ kernels: refuse up front, by name, where no compiler
+    works (Inductor would fail at the first step, deep inside the compile)."""
+    if not cfg.compile or device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise ConfigError("train.compile: true on the CPU needs a C++ compiler, and none works here (torch "
+                          "looks for $CXX, then g++): install one (Debian: apt install g++) or set "
+                          "train.compile: false") from None
+
+
 def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *, dist: Dist, total_steps: int,
         d_model: int, ckpt_dir: Path | None = None, evaluate: Evaluate | None = None, log: Log | None = None,
         flops_per_token: float | None = None, plugin: Plugin | None = None) -> Result:
     device = dist.device
+    _check_compiler(cfg, device)
     sharded = cfg.parallel == "fsdp" and dist.enabled
     if sharded:
         _check_shardable(plugin, data)
@@ -160,7 +180,7 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
 
     def wrap() -> nn.Module:
         net: nn.Module = DistributedDataParallel(model) if dist.enabled and not sharded else work
-        return torch.compile(net) if cfg.compile and device.type == "cuda" else net
+        return torch.compile(net) if cfg.compile else net
 
     def current() -> nn.Module:
         """`model` holding the trained weights (gathered from the shards when sharded)."""
@@ -190,61 +210,67 @@ def fit(model: nn.Module, objective: Objective, data: Data, cfg: TrainConfig, *,
     bar = tqdm(total=total_steps, initial=start, disable=not (cfg.progress and dist.main), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     t_start, timed_tokens, t0 = None, 0, time.perf_counter()
-    for step in range(start, total_steps):
-        if plugin is not None and plugin.before_step(step) and dist.enabled:
-            net = wrap()  # DDP reduces the gradients of the parameters that required them when wrapped
-        mult = optim.wsd(step, total_steps, cfg.schedule)
-        optim.set_lr(opts, mult)
-        batches = data.next_step(cfg.global_batch, cfg.micro_batch)
-        n_total = all_sum([float(sum(objective.count(b) for b in batches))], dist)[0]
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            if sharded:  # as DDP's no_sync: reduce-scatter once per step, after the last micro-batch
-                work.set_requires_gradient_sync(last)  # type: ignore[operator]
-            sync = contextlib.nullcontext() if last or not dist.enabled or sharded else net.no_sync()
-            with sync:
-                with autocast:
-                    loss = objective.loss(net, _to(batch, device))
-                # DDP averages gradients over processes: scale so the result is the global mean
-                if loss.requires_grad:  # False only when a plug-in froze every parameter
-                    (loss * (dist.world / max(n_total, 1.0))).backward()
-            loss_sum += loss.detach()
-        grad_norm = shard.clip_grad_norm(work.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        if plugin is not None:
-            plugin.before_update(step)
-        for opt in opts:
-            opt.step()
-        want_eval = plugin.after_update(step) if plugin is not None else (step + 1) % cfg.eval_every == 0
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        train_loss = all_sum([float(loss_sum)], dist)[0] / max(n_total, 1.0)
-        result.steps, result.tokens, result.train_loss = step + 1, result.tokens + tokens_per_step, train_loss
-        # throughput from the second step on (the first pays for warm-up and compilation)
-        if t_start is None:
-            t_start = time.perf_counter()
-        else:
-            timed_tokens += tokens_per_step
-            result.tokens_per_s = timed_tokens / (time.perf_counter() - t_start)
-            if peak and flops_per_token:
-                result.mfu = flops_per_token * result.tokens_per_s / (peak * dist.world)
-        if emit and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
-            point = {"train/loss": train_loss, "train/lr_mult": mult, "train/tokens": result.tokens}
-            if grad_norm is not None:
-                point["train/grad_norm"] = grad_norm
-            emit(point | (plugin.metrics() if plugin is not None else {}), step + 1)
-        bar.update(1)
-        bar.set_postfix_str(f"loss {train_loss:.3f} {result.tokens_per_s:,.0f} tok/s"
-                            + (f" MFU {100 * result.mfu:.1f}%" if result.mfu else ""), refresh=False)
-        if want_eval or step + 1 == total_steps:
-            run_eval(step + 1)
-        if ckpt_dir is not None and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
-            if dist.main or sharded:  # gathering shards takes every process; rank 0 writes
-                checkpoint.save(ckpt_dir, step + 1, work, opts, {
-                    "data": data.state_dict(), "tokens": result.tokens,
-                    "evals": {str(k): v for k, v in result.evals.items()},
-                    "plugin": plugin.state_dict() if plugin is not None else None}, write=dist.main)
-            barrier(dist)
+    # Under torch.compile each set of parameters that require gradients is its own graph: a
+    # plug-in that freezes and thaws groups makes more of them than Dynamo keeps by default (8),
+    # after which it would run the rest of the training eagerly.
+    graphs = (torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if cfg.compile and plugin is not None
+              else contextlib.nullcontext())
+    with graphs:
+        for step in range(start, total_steps):
+            if plugin is not None and plugin.before_step(step) and dist.enabled:
+                net = wrap()  # DDP reduces the gradients of the parameters that required them when wrapped
+            mult = optim.wsd(step, total_steps, cfg.schedule)
+            optim.set_lr(opts, mult)
+            batches = data.next_step(cfg.global_batch, cfg.micro_batch)
+            n_total = all_sum([float(sum(objective.count(b) for b in batches))], dist)[0]
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                if sharded:  # as DDP's no_sync: reduce-scatter once per step, after the last micro-batch
+                    work.set_requires_gradient_sync(last)  # type: ignore[operator]
+                sync = contextlib.nullcontext() if last or not dist.enabled or sharded else net.no_sync()
+                with sync:
+                    with autocast:
+                        loss = objective.loss(net, _to(batch, device))
+                    # DDP averages gradients over processes: scale so the result is the global mean
+                    if loss.requires_grad:  # False only when a plug-in froze every parameter
+                        (loss * (dist.world / max(n_total, 1.0))).backward()
+                loss_sum += loss.detach()
+            grad_norm = shard.clip_grad_norm(work.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            if plugin is not None:
+                plugin.before_update(step)
+            for opt in opts:
+                opt.step()
+            want_eval = plugin.after_update(step) if plugin is not None else (step + 1) % cfg.eval_every == 0
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            train_loss = all_sum([float(loss_sum)], dist)[0] / max(n_total, 1.0)
+            result.steps, result.tokens, result.train_loss = step + 1, result.tokens + tokens_per_step, train_loss
+            # throughput from the second step on (the first pays for warm-up and compilation)
+            if t_start is None:
+                t_start = time.perf_counter()
+            else:
+                timed_tokens += tokens_per_step
+                result.tokens_per_s = timed_tokens / (time.perf_counter() - t_start)
+                if peak and flops_per_token:
+                    result.mfu = flops_per_token * result.tokens_per_s / (peak * dist.world)
+            if emit and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
+                point = {"train/loss": train_loss, "train/lr_mult": mult, "train/tokens": result.tokens}
+                if grad_norm is not None:
+                    point["train/grad_norm"] = grad_norm
+                emit(point | (plugin.metrics() if plugin is not None else {}), step + 1)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {train_loss:.3f} {result.tokens_per_s:,.0f} tok/s"
+                                + (f" MFU {100 * result.mfu:.1f}%" if result.mfu else ""), refresh=False)
+            if want_eval or step + 1 == total_steps:
+                run_eval(step + 1)
+            if ckpt_dir is not None and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
+                if dist.main or sharded:  # gathering shards takes every process; rank 0 writes
+                    checkpoint.save(ckpt_dir, step + 1, work, opts, {
+                        "data": data.state_dict(), "tokens": result.tokens,
+                        "evals": {str(k): v for k, v in result.evals.items()},
+                        "plugin": plugin.state_dict() if plugin is not None else None}, write=dist.main)
+                barrier(dist)
     bar.close()
     if sharded:
         current()
