@@ -79,12 +79,21 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 
 def configs(seq: int) -> dict[str, ModelConfig]:
     """d3: the default tiny profile's model (params.yaml: pretrain); d4 and d8: deeper and wider
-    (heads of 64 in all)."""
+    (heads of 64, vocab 2048: the CPU set). d12: the one-GPU profile's model (profiles/gpu1.yaml,
+    ~135M parameters); d20: ~480M parameters; both heads of 128 and a 32k vocab (the GPU set, the
+    sizes issue 3's reference figures are for)."""
+    small = {"aspect_ratio": 64, "head_dim": 64, "max_seq_len": max(512, seq)}
+    large = {"aspect_ratio": 64, "head_dim": 128, "max_seq_len": max(2048, seq)}
     return {
-        "d3": ModelConfig.from_depth(3, 2048, aspect_ratio=64, head_dim=64, max_seq_len=max(512, seq)),
-        "d4": ModelConfig.from_depth(4, 2048, aspect_ratio=64, head_dim=64, max_seq_len=max(512, seq)),
-        "d8": ModelConfig.from_depth(8, 2048, aspect_ratio=64, head_dim=64, max_seq_len=max(512, seq)),
+        "d3": ModelConfig.from_depth(3, 2048, **small),
+        "d4": ModelConfig.from_depth(4, 2048, **small),
+        "d8": ModelConfig.from_depth(8, 2048, **small),
+        "d12": ModelConfig.from_depth(12, 32768, **large),
+        "d20": ModelConfig.from_depth(20, 32768, **large),
     }
+
+
+DEFAULT_CONFIGS = {"cpu": ["d3", "d4", "d8"], "cuda": ["d12", "d20"]}
 
 
 def hf_config(cfg: ModelConfig) -> LlamaConfig:
@@ -368,8 +377,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=11, help="timed steps per model (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--configs", nargs="*", choices=("d3", "d4", "d8"), default=None,
-                    help="a subset (default: all)")
+    ap.add_argument("--configs", nargs="*", choices=("d3", "d4", "d8", "d12", "d20"), default=None,
+                    help="which shapes (default: d3 d4 d8 on the CPU, d12 d20 on CUDA)")
     ap.add_argument("--out", type=Path, default=RESULTS / "train_step.txt")
     ap.add_argument("--probe-model", choices=MODELS, help=argparse.SUPPRESS)
     ap.add_argument("--probe-config", help=argparse.SUPPRESS)
@@ -387,7 +396,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     device_name, _ = peak_flops(device, p.dtype)
     cfgs = configs(p.seq)
-    chosen = p.configs or list(cfgs)
+    chosen = p.configs or DEFAULT_CONFIGS.get(device.type, list(cfgs))
     result: dict[str, Any] = {
         "machine": {"device": device.type, "device_name": device_name, "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
