@@ -380,4 +380,3 @@ def test_a_compiled_governed_run_follows_the_eager_one() -> None:
     assert r_comp.train_loss == pytest.approx(r_eager.train_loss, rel=1e-5)
     for (name, a), b in zip(eager.named_parameters(), comp.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-4, msg=name)
-

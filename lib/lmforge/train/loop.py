@@ -146,7 +146,7 @@ def _check_compiler(cfg: TrainConfig, device: torch.device) -> None:
         get_cpp_compiler()
     except InvalidCxxCompiler:
         raise ConfigError("train.compile: true on the CPU needs a C++ compiler, and none works here (torch "
-                          "looks for $CXX, then g++): install one (Debian: apt install g++) or set "
+                          "runs $CXX, or g++ where CXX is unset): install one (Debian: apt install g++) or set "
                           "train.compile: false") from None
 
 
