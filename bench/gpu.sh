@@ -2,8 +2,8 @@
 # Issue 3's GPU figures in one run on one GPU: bf16 autocast + torch.compile tokens/s and MFU of our
 # model against Hugging Face LlamaForCausalLM at the one-GPU profile's shape (d12, ~135M parameters)
 # and at ~480M (d20), seq 2048, batch 16 (bench/train_step.py, both models compiled, fused AdamW).
-# Writes bench/results/train_step_gpu.txt. Four compilations and 2 x 14 steps per shape: a few minutes
-# on an H100.
+# Writes bench/results/train_step_gpu.txt. Four compilations (two models, two shapes) and 15 steps per
+# model and shape: a few minutes on an H100.
 #
 #   bench/gpu.sh                    # the project's .venv (`make install` on a machine with CUDA)
 #   PYTHON=python3 bench/gpu.sh     # a python3 that has torch and transformers

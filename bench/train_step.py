@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_step.py                                   # CPU, float32, ~3 min on 2 cores
     .venv/bin/python bench/train_step.py --repeats 5                        # quicker
     .venv/bin/python bench/train_step.py --device cuda --dtype bf16 --compile   # a GPU: adds MFU
+    bench/gpu.sh                                                            # that, at 135M and 480M
 
 Writes bench/results/train_step.txt (the table below, also printed). Results are written, not
 asserted; the one hard check is that both models start from the same loss.
