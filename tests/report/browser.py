@@ -3,12 +3,10 @@ with the network cut off, and report what rendered."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.system import require
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -16,12 +14,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 
 def chromium() -> str:
     """The Chromium binary; CI must have it (.ci/run installs it), elsewhere the test is skipped."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return path
+    return require("chromium", "chromium-browser", package="chromium")
 
 
 def render(page_path: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from lmforge.train.governor import (
 )
 from lmforge.train.groups import GroupSpec, partition
 from lmforge.train.loop import LM, fit
+from tests.system import require
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 64
@@ -345,22 +345,13 @@ def test_a_resumed_governor_keeps_the_groups_order(tmp_path: Any) -> None:
     assert g2.budget_sums == g1.budget_sums
 
 
-def needs_cpp_compiler() -> None:
-    """Inductor's CPU backend builds C++: CI must have a compiler (.ci/run installs g++), elsewhere
-    the test is skipped."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler: .ci/run installs one (apt-get install g++)")
-        pytest.skip("no C++ compiler for torch.compile on the CPU (apt-get install g++)")
-
-
 def test_a_compiled_governed_run_follows_the_eager_one() -> None:
     """torch.compile (Inductor's C++ backend here, the same graph capture as on a GPU) with a
     governor: each set of frozen groups is its own graph. The forced moves below make twelve sets,
     more than Dynamo keeps by default (8, after which it would run the rest eagerly): all twelve
     compile, frozen groups still get no gradient (Spy), and the run follows the eager one (AdamW
     throughout: Muon's bfloat16 orthogonalisation would amplify the compiler's float rounding)."""
-    needs_cpp_compiler()
+    require(os.environ.get("CXX", "g++"), package="g++")  # Inductor's CPU backend builds C++
     force = {2: ("d", CONVERGED), 3: ("c", CONVERGED), 4: ("d", AWAKENED), 5: ("b", CONVERGED),
              6: ("c", AWAKENED), 7: ("d", CONVERGED), 8: ("a", CONVERGED), 9: ("b", AWAKENED),
              10: ("d", AWAKENED), 11: ("c", CONVERGED), 12: ("b", CONVERGED)}
