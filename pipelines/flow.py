@@ -41,6 +41,7 @@ from lmforge import tracking
 from lmforge.digest import sha256_path
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.runtime import code_version
+from pipelines.dvc_state import heal_torn_rwlock
 from pipelines.graph import PlannedStage, plan
 from pipelines.proc import (
     StageFailedError,
@@ -462,6 +463,7 @@ def pipeline(
         raise ConfigError(f"gpu_crash_retries={gpu_crash_retries}: give a whole number >= 0")
     log = get_run_logger()
     root_path = Path(root).resolve()
+    heal_torn_rwlock(root_path, log)  # a killed earlier run may have torn it
     order = plan(root_path, stages)
     forced = {s.name for s in order} if not stages else set(stages)
     api_url = configured_api_url()

@@ -269,10 +269,28 @@ def kill_worker(stack: Stack, pool: str) -> list[int]:
     entry = next((p for p in reversed(entries) if p["name"] == name), None)
     if entry is None:
         raise StackError(f"no {name} in {stack.dir / PIDS}; is the stack up?")
-    killed = family(int(entry["pid"]))[1]  # type: ignore[arg-type]
-    _stop_family(int(entry["pid"]), name, (signal.SIGKILL,), 5.0)  # type: ignore[arg-type]
+    sid = int(entry["pid"])  # type: ignore[arg-type]
+    # A power cut stops every process at once; signals go out one by one. Freeze them all
+    # first, so that none sees another die and acts on it (a flow run reporting its stage
+    # Failed, `dvc repro` rewriting its lock file) before the SIGKILL reaches it too.
+    killed = _freeze(sid)
+    _stop_family(sid, name, (signal.SIGKILL,), 5.0)
     (stack.dir / PIDS).write_text(json.dumps([p for p in entries if p is not entry], indent=2) + "\n")
     return killed
+
+
+def _freeze(sid: int) -> list[int]:
+    """SIGSTOP every process of `sid`'s family, newcomers included, until none is left running;
+    return them."""
+    sessions, members = family(sid)
+    stopped: set[int] = set()
+    while set(members) - stopped:
+        for pid in set(members) - stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.add(pid)
+        sessions, members = family(sid, sessions)  # one forked before its parent stopped
+    return members
 
 
 def _write_env(stack: Stack) -> None:

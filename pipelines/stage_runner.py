@@ -10,7 +10,8 @@ reaches the same tracking server (the pipeline only routes here when its own doe
 
 1. checks out `rev` in that clone (`git fetch` + `git checkout --force --detach rev`; local
    changes in the worker clone are discarded: it belongs to the worker, nobody edits it);
-2. writes the orchestrator's current dvc.lock over the commit's one (if given), so that
+2. writes the orchestrator's current dvc.lock over the commit's one (if given), and moves aside
+   a `.dvc/tmp/rwlock` torn by an earlier run killed with its worker (pipelines/dvc_state.py), so that
 3. `dvc pull` fetches exactly the inputs the orchestrator pushed, then
 4. `dvc repro --pull --single-item <stage>` runs the stage (LMFORGE_RUNNER=prefect:<pool>),
 5. `dvc push --run-cache <stage>` sends outputs and the run-cache entry back: the
@@ -27,6 +28,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from lmforge import atomic
+from pipelines.dvc_state import heal_torn_rwlock
 from pipelines.graph import plan
 from pipelines.proc import dvc_argv, outcome, require_ok, run_logged, runner_label, stage_env
 
@@ -68,7 +71,8 @@ def run_stage(
     if rev:
         _checkout(root, rev, log)
     if lock is not None:
-        (root / "dvc.lock").write_text(lock, encoding="utf-8")
+        atomic.write_text(root / "dvc.lock", lock)
+    heal_torn_rwlock(root, log)  # a run of this stage killed with its worker may have torn it
     runner = runner_label("worker")
     env = stage_env(runner, parent_run_id)
     inputs = next(s for s in plan(root, [stage]) if s.name == stage).dep_targets

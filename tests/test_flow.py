@@ -568,7 +568,8 @@ def test_crashed_gpu_run_is_resubmitted_but_a_failed_one_is_not(
     tmp_path: Path, prefect_server: None, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run that ended Crashed (its worker died) is sent again, up to gpu_crash_retries times;
-    the first resubmission here succeeds. With every run crashing, the stage fails saying so."""
+    the first resubmission here succeeds, although the dead run's `dvc repro` tore DVC's rwlock
+    in the worker clone. With every run crashing, the stage fails saying so."""
     from prefect.states import Crashed
 
     repo = make_repo(tmp_path / "orchestrator", remote=tmp_path / "dvc-remote")
@@ -578,7 +579,9 @@ def test_crashed_gpu_run_is_resubmitted_but_a_failed_one_is_not(
 
     def crash_once(name: str, parameters: dict[str, object], **_: object) -> SimpleNamespace:
         sent.append(str(parameters["stage"]))
-        if len(sent) == 1:
+        if len(sent) == 1:  # killed while rewriting .dvc/tmp/rwlock: dvc refuses to run until healed
+            (worker / ".dvc/tmp").mkdir(parents=True, exist_ok=True)
+            (worker / ".dvc/tmp/rwlock").write_bytes(b"")
             return SimpleNamespace(state=Crashed(message="no heartbeat for 90 s"), name="lost-run", id="id-1")
         return SimpleNamespace(state=run_stage(**parameters, workdir=str(worker), return_state=True),
                                name="second-run", id="id-2", work_pool_name="gpu")
@@ -589,6 +592,7 @@ def test_crashed_gpu_run_is_resubmitted_but_a_failed_one_is_not(
     summary = pipeline(root=str(repo))
     assert sent == ["train", "train"] and summary["train"]["attempts"] == 2
     assert summary["train"]["outcome"] == "restored" and summary["train"]["flow_run_id"] == "id-2"
+    assert (worker / ".dvc/tmp/rwlock.torn").read_bytes() == b""  # moved aside, kept
 
     always: list[str] = []
     monkeypatch.setattr(flow_mod, "run_deployment", lambda name, parameters, **_: always.append("x") or SimpleNamespace(
